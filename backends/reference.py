@@ -1,0 +1,36 @@
+"""A pure-torch backend over ``hwlm.kernels.reference``: slow, exact, any torch device.
+
+Not registered for ``--device``: it is the yardstick tests compare real backends with, and the
+smallest complete example of the Backend interface.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hwlm.attention import AttentionMetadata
+from hwlm.backend import Backend, ProbeResult
+from hwlm.kernels import reference
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    supported_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        return ProbeResult(True, 1, "pure torch on the CPU (for tests)")
+
+    def memory_budget(self, memory_utilization: float) -> int:
+        return int(1 << 30)
+
+    def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
+        reference.write_kv(key, value, kv_cache, slot_mapping)
+
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return reference.paged_attention(query, kv_cache, metadata, scale)
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+        reference.copy_blocks(kv_caches, pairs)

@@ -1,0 +1,111 @@
+"""The Backend interface: everything hwlm asks of a piece of hardware.
+
+A backend is a class (one instance per device) with a handful of members:
+
+- ``probe()``: is this hardware here? A score for ranking, a reason for humans. Class method,
+  side-effect free: it must not initialise a GPU runtime in the calling process.
+- ``check(model, engine)``: why this backend cannot serve a configuration (empty list = it can).
+- ``memory_budget(utilization)``: bytes it can give the KV cache.
+- ``allocate_kv_cache(...)``: one tensor per layer, layout ``[2, num_blocks, block_size,
+  num_kv_heads, head_size]`` (see ``hwlm.attention``).
+- ``write_kv``, ``attention``, ``copy_blocks``: the paged-attention operations.
+- ``rms_norm`` and ``silu_and_mul``: optional fused ops; the defaults here are portable torch.
+
+A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
+hwlm refuses one built for another version.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from hwlm.attention import AttentionMetadata
+    from hwlm.config import EngineConfig, ModelConfig
+
+INTERFACE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    available: bool
+    score: int  # higher wins under --device auto; cpu is 10, GPUs 100
+    reason: str  # one line: what was found, or why not
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    interface_version: ClassVar[int] = INTERFACE_VERSION
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    preferred_dtype: ClassVar[torch.dtype] = torch.float32
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> ProbeResult:
+        """Whether the hardware is present; must not initialise a GPU runtime."""
+
+    def check(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> list[str]:
+        """Reasons this backend cannot serve this configuration; empty when it can."""
+        if dtype not in self.supported_dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
+            return [f"{self.name} backend does not support dtype {dtype}; supported: {names}"]
+        return []
+
+    @abstractmethod
+    def memory_budget(self, memory_utilization: float) -> int:
+        """Bytes this backend can give the KV cache, once the model is loaded."""
+
+    def allocate_kv_cache(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        shape = (2, num_blocks, block_size, num_kv_heads, head_size)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    @abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # one layer's cache
+        slot_mapping: torch.Tensor,  # int64 [num_tokens]; -1 = skip
+    ) -> None:
+        """Store each token's key and value at its slot."""
+
+    @abstractmethod
+    def attention(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        kv_cache: torch.Tensor,  # one layer's cache, already holding this step's keys/values
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal paged attention for a mixed batch; returns [num_tokens, num_heads, head_size]."""
+
+    @abstractmethod
+    def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+        """For each (src, dst) pair copy block src to block dst in every layer (copy-on-write)."""
+
+    # Optional fused ops, overridden where a backend has faster versions.
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a no-op on synchronous devices."""

@@ -1,0 +1,1 @@
+"""Kernel sources: ``reference`` (pure torch), ``numba`` (cpu), later ``triton`` (cuda, rocm)."""
