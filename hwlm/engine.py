@@ -1,0 +1,283 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
+
+Platform-neutral: the backend (chosen by ``hwlm.registry``) owns the device, the KV cache and
+attention; everything here is plain Python and torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hwlm.block_manager import BlockManager
+from hwlm.config import EngineConfig, ModelConfig, parse_dtype
+from hwlm.model_runner import ModelRunner
+from hwlm.outputs import CompletionOutput, Logprob, RequestOutput
+from hwlm.registry import select_backend
+from hwlm.sampler import SamplerOutput
+from hwlm.sampling_params import SamplingParams
+from hwlm.scheduler import Scheduler
+from hwlm.sequence import Sequence
+from hwlm.tokenizer import decode_tokens, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    load_format: str = "auto"
+    tokenizer: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from hwlm.loader import load_model, resolve_model
+
+        if args.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {args.block_size}")
+        if args.load_format not in ("auto", "dummy", "safetensors", "pt"):
+            raise ValueError(
+                f"load_format must be 'auto', 'safetensors', 'pt' or 'dummy', got {args.load_format!r}"
+            )
+        torch.manual_seed(args.seed)
+        resolved = resolve_model(args.model, args.load_format)
+        self.model_config = ModelConfig.from_hf_dict(resolved.hf_config)
+        self.config = self._engine_config(args, self.model_config)
+        self.backend = select_backend(args.device)()
+        self.dtype = self._resolve_dtype(args.dtype)
+        problems = self.backend.check(self.model_config, self.config, self.dtype)
+        if problems:
+            raise ValueError(f"{self.backend.name} cannot serve {args.model}: " + "; ".join(problems))
+        self.tokenizer = load_tokenizer(args.tokenizer or resolved.tokenizer_path)
+        start = time.perf_counter()
+        model = load_model(resolved, self.model_config, self.backend, self.dtype, args.load_format, args.seed)
+        logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
+        num_blocks = self._num_kv_blocks()
+        kv_caches = self.backend.allocate_kv_cache(
+            self.model_config.num_layers,
+            num_blocks,
+            self.config.block_size,
+            self.model_config.num_kv_heads,
+            self.model_config.head_size,
+            self.dtype,
+        )
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.runner = ModelRunner(model, self.backend, kv_caches, self.config.block_size)
+        self.eos_token_ids = self._eos_token_ids()
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, list[Sequence]] = {}
+
+    # Set-up -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _engine_config(args: EngineArgs, model: ModelConfig) -> EngineConfig:
+        max_len = args.max_model_len or model.max_position_embeddings
+        if max_len > model.max_position_embeddings:
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d",
+                max_len,
+                model.max_position_embeddings,
+            )
+        return EngineConfig(
+            max_model_len=max_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens or max(8192, args.max_num_seqs),
+            block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching,
+            memory_utilization=args.memory_utilization,
+            num_kv_blocks=args.num_kv_blocks,
+            seed=args.seed,
+        )
+
+    def _resolve_dtype(self, dtype: str) -> torch.dtype:
+        if dtype != "auto":
+            return parse_dtype(dtype)
+        wanted = self.model_config.dtype
+        if wanted in self.backend.supported_dtypes:
+            return wanted
+        chosen = self.backend.preferred_dtype
+        logger.info("dtype auto: %s runs %s models in %s", self.backend.name, wanted, chosen)
+        return chosen
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        useful = cfg.max_num_seqs * cfg.blocks_for_tokens(cfg.max_model_len)
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        block_bytes = self.model_config.kv_bytes_per_token(self.dtype) * cfg.block_size
+        budget = self.backend.memory_budget(cfg.memory_utilization)
+        fitting = budget // block_bytes
+        if fitting < cfg.blocks_for_tokens(cfg.max_model_len):
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {fitting} blocks, fewer than "
+                f"one sequence of max_model_len={cfg.max_model_len} needs; lower max_model_len or "
+                "raise memory_utilization"
+            )
+        return int(min(fitting, useful))
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | dict[str, Any] | list[int],
+        params: SamplingParams,
+    ) -> None:
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids, params)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, text, self.eos_token_ids)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: str | dict[str, Any] | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("a prompt dict needs a 'prompt' or 'prompt_token_ids' key")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        cfg = self.config
+        if not token_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is {cfg.max_model_len}: "
+                f"at most {cfg.max_model_len - 1} prompt tokens leave room to generate"
+            )
+        longest = min(len(token_ids) + (params.max_tokens or cfg.max_model_len), cfg.max_model_len)
+        needed = cfg.blocks_for_tokens(longest)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"a sequence of {longest} tokens needs {needed} KV blocks but the cache has only "
+                f"{self.block_manager.num_blocks}; raise num_kv_blocks or lower max_tokens"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # The step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty():
+            return []
+        sampled_seqs, sampled = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_computed_blocks(seq)
+        finished = self._append_tokens(sampled_seqs, sampled) if sampled else []
+        return [self._request_output(request_id) for request_id in finished]
+
+    def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
+        finished: list[str] = []
+        for i, seq in enumerate(seqs):
+            token = out.token_ids[i]
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += out.logprobs[i]
+            top = out.top_logprobs[i]
+            if seq.logprobs is not None and top is not None:
+                seq.logprobs.append(self._logprob_entry(token, out.logprobs[i], top))
+            if self._check_stop(seq, token):
+                self.scheduler.finish(seq)
+                if all(s.is_finished for s in self._requests[seq.request_id]):
+                    finished.append(seq.request_id)
+        return finished
+
+    @staticmethod
+    def _logprob_entry(
+        token: int, logprob: float, top: tuple[list[int], list[float], int]
+    ) -> dict[int, Logprob]:
+        ids, values, rank = top
+        entry = {t: Logprob(v, r + 1) for r, (t, v) in enumerate(zip(ids, values, strict=True))}
+        entry.setdefault(token, Logprob(logprob, rank))
+        return entry
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in seq.eos_token_ids:
+                seq.finish_reason = "stop"
+                return True
+            if token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return True
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            seq.finish_reason = "length"
+            return True
+        if seq.num_tokens >= self.config.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _request_output(self, request_id: str) -> RequestOutput:
+        seqs = self._requests.pop(request_id)
+        first = seqs[0]
+        completions = [self._completion(i, seq) for i, seq in enumerate(seqs)]
+        return RequestOutput(
+            request_id=request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
+            outputs=completions,
+            finished=True,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+        params = seq.params
+        output_ids = seq.output_token_ids
+        text = decode_tokens(self.tokenizer, output_ids, params.skip_special_tokens) if params.detokenize else ""
+        if seq.logprobs is not None and params.detokenize:
+            for entry in seq.logprobs:
+                for token_id, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([token_id])
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=output_ids,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )

@@ -1,0 +1,165 @@
+"""The offline API: ``LLM(model).generate(prompts, sampling_params)``, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from hwlm.engine import EngineArgs, LLMEngine
+from hwlm.outputs import RequestOutput
+from hwlm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+class LLM:
+    """An engine for offline batches.
+
+    ``model`` is a local Hugging Face folder, a hub id (the HF cache and HF_HUB_OFFLINE are
+    honoured) or a preset name (``hwlm-tiny``, ``qwen2.5-0.5b``, ... with ``load_format="dummy"``).
+    ``num_kv_blocks`` fixes the KV cache size exactly, overriding ``memory_utilization``
+    (``gpu_memory_utilization`` is accepted as another name for it).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        memory_utilization: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        num_kv_blocks: int | None = None,
+        load_format: str = "auto",
+        tokenizer: str | None = None,
+    ) -> None:
+        if memory_utilization is not None and gpu_memory_utilization is not None:
+            if memory_utilization != gpu_memory_utilization:
+                raise ValueError("memory_utilization and gpu_memory_utilization disagree; give one")
+        utilization = memory_utilization or gpu_memory_utilization or 0.9
+        self.engine = LLMEngine(
+            EngineArgs(
+                model=model,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                block_size=block_size,
+                enable_prefix_caching=enable_prefix_caching,
+                memory_utilization=utilization,
+                num_kv_blocks=num_kv_blocks,
+                load_format=load_format,
+                tokenizer=tokenizer,
+            )
+        )
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of ``prompts``."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        ids = []
+        try:
+            for prompt, params in zip(prompt_list, params_list, strict=True):
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list) and generate."""
+        if not messages:
+            raise ValueError("messages is empty")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            if not conversation:
+                raise ValueError("a conversation has no messages")
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template,
+                )
+            except Exception as exc:
+                raise ValueError(f"cannot apply the chat template: {exc}") from exc
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        output_tokens = 0
+        with bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    bar.update(1)
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {output_tokens / elapsed:.1f} tok/s", refresh=False)
+        return [results[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: PromptType | SequenceABC[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single token-id prompt
+    prompt_list = list(prompts)
+    if not prompt_list:
+        raise ValueError("prompts is empty: give at least one prompt")
+    return prompt_list
+
+
+def _as_params_list(
+    params: SamplingParams | SequenceABC[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params_list = list(params)
+    if len(params_list) != count:
+        raise ValueError(
+            f"got {len(params_list)} sampling params for {count} prompts; give one or one per prompt"
+        )
+    return params_list
