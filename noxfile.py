@@ -1,0 +1,37 @@
+"""Sessions: tests (the whole suite), conformance (per device), lint.
+
+Each virtualenv gets the CPU build of torch first (pinned, so no CUDA wheels are pulled), then
+hwlm. On a machine without network, run `nox --no-venv -s conformance -- --device cuda`.
+"""
+
+from __future__ import annotations
+
+import nox
+
+TORCH_CPU = "torch==2.13.0"
+nox.options.sessions = ["lint", "tests"]
+
+
+def install(session: nox.Session) -> None:
+    if session.venv_backend != "none":
+        session.install(TORCH_CPU)
+        session.install("-e", ".[dev]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    install(session)
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    install(session)
+    session.run("pytest", "-q", "tests/conformance", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    install(session)
+    session.run("ruff", "check", "hwlm", "backends", "kernels", "tests", "ci", "noxfile.py")
+    session.run("mypy", "hwlm")

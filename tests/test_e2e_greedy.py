@@ -1,0 +1,123 @@
+"""hwlm's greedy tokens equal transformers' greedy generate, and the chosen tokens' logprobs
+agree within 1e-4 (float32), for every architecture, under every KV-cache mode."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hwlm import LLM, SamplingParams
+from tests.tiny_models import ARCHS, build_tiny_model, hf_greedy
+
+NEW_TOKENS = 10
+LOGPROB_TOL = 1e-4
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(1234)
+    shared = [rng.randrange(3, 1024) for _ in range(40)]
+    prompts = [[rng.randrange(3, 1024) for _ in range(n)] for n in (1, 5, 11, 23, 37)]
+    prompts += [shared + [rng.randrange(3, 1024) for _ in range(n)] for n in (2, 9, 20)]
+    return prompts
+
+
+PROMPTS = _prompts()
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A saved tiny model of one architecture, and transformers' greedy answer to each prompt."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model = build_tiny_model(request.param, folder)
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    return {"arch": request.param, "path": str(folder), "expected": expected}
+
+
+def run_hwlm(path: str, device: str, prompts: list[list[int]], **engine: Any) -> tuple[LLM, list]:
+    llm = LLM(path, device=device, seed=0, **engine)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return llm, outputs
+
+
+def assert_matches_hf(outputs: list, expected: list, prompts: list[list[int]]) -> None:
+    for out, prompt, (tokens, logprobs) in zip(outputs, prompts, expected, strict=True):
+        completion = out.outputs[0]
+        assert out.prompt_token_ids == prompt
+        assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens diverged"
+        assert completion.finish_reason == "length"
+        got = [step[tok].logprob for step, tok in zip(completion.logprobs, tokens, strict=True)]
+        worst = max(abs(a - b) for a, b in zip(got, logprobs, strict=True))
+        assert worst <= LOGPROB_TOL, f"logprob differs by {worst:.2e}"
+        assert completion.cumulative_logprob == pytest.approx(sum(logprobs), abs=NEW_TOKENS * LOGPROB_TOL)
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants([])
+
+
+MODES: dict[str, dict[str, Any]] = {
+    "block1": dict(block_size=1),
+    "block4": dict(block_size=4),
+    "block16": dict(block_size=16),
+    "no-prefix-cache": dict(block_size=4, enable_prefix_caching=False),
+    "chunked-prefill": dict(block_size=4, max_num_batched_tokens=7),
+    "preemption": dict(block_size=4, num_kv_blocks=20),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_greedy_equals_transformers(tiny: dict[str, Any], mode: str, device: str) -> None:
+    llm, outputs = run_hwlm(tiny["path"], device, PROMPTS, **MODES[mode])
+    assert_matches_hf(outputs, tiny["expected"], PROMPTS)
+    if mode == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0, "the tiny cache should force preemption"
+    if mode == "chunked-prefill":
+        assert llm.engine.config.max_num_batched_tokens < max(len(p) for p in PROMPTS)
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_prefix_caching_reuses_shared_prefix(
+    tiny: dict[str, Any], enable_prefix_caching: bool, device: str
+) -> None:
+    llm = LLM(tiny["path"], device=device, block_size=4, enable_prefix_caching=enable_prefix_caching)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    first = llm.generate([{"prompt_token_ids": PROMPTS[5]}], params, use_tqdm=False)
+    rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[6:]], params, use_tqdm=False)
+    assert_matches_hf(first + rest, tiny["expected"][5:], PROMPTS[5:])
+    bm = llm.engine.block_manager
+    if enable_prefix_caching:
+        # the 40 shared tokens are 10 full blocks, reused by each of the two later prompts
+        assert bm.prefix_hit_tokens >= 2 * 40
+        assert [o.num_cached_tokens for o in rest] == [40, 40]
+    else:
+        assert bm.prefix_hit_tokens == 0
+        assert [o.num_cached_tokens for o in rest] == [0, 0]
+    assert_all_blocks_free(llm)
+
+
+def test_stops_at_eos_like_transformers(tmp_path: Path, device: str) -> None:
+    import torch
+    from transformers import GenerationConfig
+
+    model = build_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path), device=device)
+    # make EOS the model's greedy choice after a few tokens: pick a prompt, and use as EOS the
+    # token transformers generates third
+    prompt = PROMPTS[3]
+    tokens, _ = hf_greedy(model, prompt, 5)
+    eos = tokens[2]
+    params = SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[eos])
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    config = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+    assert out.token_ids == hf.tolist() == tokens[:3]
+    assert out.finish_reason == "stop" and out.stop_reason == eos
