@@ -23,7 +23,7 @@ from hwlm.sampler import SamplerOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.scheduler import Scheduler
 from hwlm.sequence import Sequence
-from hwlm.tokenizer import decode_tokens, load_tokenizer
+from hwlm.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,17 @@ class LLMEngine:
         request_id: str,
         prompt: str | dict[str, Any] | list[int],
         params: SamplingParams,
+        stream: bool = False,
     ) -> None:
+        """Queue a request. With ``stream``, ``step()`` also reports it after every new token
+        (cumulative text and token ids); otherwise only once it has finished."""
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, text, self.eos_token_ids)
+        if stream:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         self._requests[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -199,7 +204,8 @@ class LLMEngine:
     # The step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of requests that finished in it."""
+        """Run one scheduled batch; return the outputs of requests that finished in it, and of
+        streamed requests that got a token."""
         batch = self.scheduler.schedule()
         if batch.is_empty():
             return []
@@ -207,14 +213,22 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
-        finished = self._append_tokens(sampled_seqs, sampled) if sampled else []
-        return [self._request_output(request_id) for request_id in finished]
+        if sampled is None:
+            return []
+        finished = self._append_tokens(sampled_seqs, sampled)
+        outputs = [self._request_output(request_id, finished=True) for request_id in finished]
+        streamed = {s.request_id for s in sampled_seqs if s.detokenizer is not None}
+        for request_id in sorted(streamed - set(finished)):
+            outputs.append(self._request_output(request_id, finished=False))
+        return outputs
 
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
         finished: list[str] = []
         for i, seq in enumerate(seqs):
             token = out.token_ids[i]
             seq.token_ids.append(token)
+            if seq.detokenizer is not None:
+                seq.detokenizer.add(token)
             seq.cumulative_logprob += out.logprobs[i]
             top = out.top_logprobs[i]
             if seq.logprobs is not None and top is not None:
@@ -251,8 +265,8 @@ class LLMEngine:
             return True
         return False
 
-    def _request_output(self, request_id: str) -> RequestOutput:
-        seqs = self._requests.pop(request_id)
+    def _request_output(self, request_id: str, finished: bool) -> RequestOutput:
+        seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
         first = seqs[0]
         completions = [self._completion(i, seq) for i, seq in enumerate(seqs)]
         return RequestOutput(
@@ -260,15 +274,20 @@ class LLMEngine:
             prompt=first.prompt,
             prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
             outputs=completions,
-            finished=True,
+            finished=finished,
             num_cached_tokens=first.num_cached_tokens,
         )
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         params = seq.params
         output_ids = seq.output_token_ids
-        text = decode_tokens(self.tokenizer, output_ids, params.skip_special_tokens) if params.detokenize else ""
-        if seq.logprobs is not None and params.detokenize:
+        if not params.detokenize:
+            text = ""
+        elif seq.detokenizer is not None and not seq.is_finished:
+            text = seq.detokenizer.text
+        else:
+            text = decode_tokens(self.tokenizer, output_ids, params.skip_special_tokens)
+        if seq.logprobs is not None and params.detokenize and seq.is_finished:
             for entry in seq.logprobs:
                 for token_id, lp in entry.items():
                     lp.decoded_token = self.tokenizer.decode([token_id])

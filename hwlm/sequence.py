@@ -9,6 +9,7 @@ import torch
 
 from hwlm.outputs import SampleLogprobs
 from hwlm.sampling_params import SamplingParams
+from hwlm.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -47,6 +48,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+        self.detokenizer: IncrementalDetokenizer | None = None  # set for streamed requests
 
     @property
     def num_tokens(self) -> int:
