@@ -1,0 +1,164 @@
+"""Llama 2/3, Mistral, Qwen2/2.5 and Qwen3: one pre-norm decoder with per-family switches.
+
+- Llama: ``attention_bias`` (q, k, v, o) and ``mlp_bias`` flags.
+- Mistral: no biases.
+- Qwen2: bias on q, k, v only.
+- Qwen3: ``attention_bias`` flag, and per-head RMSNorm of q and k before rotary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hwlm.attention import ForwardContext
+from hwlm.config import ModelConfig
+from hwlm.models import CausalLM
+from hwlm.models.layers import Attention, Embedding, Linear, RMSNorm
+from hwlm.models.rotary import RotaryEmbedding, apply_rotary
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    ) -> None:
+        super().__init__()
+        d = config.head_size
+        self.num_heads, self.num_kv_heads, self.head_size = config.num_heads, config.num_kv_heads, d
+        self.sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        self.qkv_proj = Linear(config.hidden_size, self.sizes, qkv_bias, dtype)
+        self.o_proj = Linear(self.num_heads * d, config.hidden_size, o_bias, dtype)
+        self.q_norm = RMSNorm(d, config.norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(d, config.norm_eps, dtype) if qk_norm else None
+        self.attn = Attention(layer_idx, d**-0.5)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        n, d = x.shape[0], self.head_size
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q.reshape(-1, d), ctx.backend)
+            k = self.k_norm(k.reshape(-1, d), ctx.backend)
+        q = apply_rotary(q.view(n, self.num_heads, d), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, d), cos, sin)
+        v = v.reshape(n, self.num_kv_heads, d).contiguous()
+        return self.o_proj(self.attn(q, k, v, ctx))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, bias: bool) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, dtype)
+        self.down_proj = Linear(inter, config.hidden_size, bias, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.down_proj(ctx.backend.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        hf, family = config.hf, config.family
+        attention_bias = bool(hf.get("attention_bias", False))
+        if config.architecture == "MistralForCausalLM":
+            qkv_bias = o_bias = mlp_bias = False
+        elif family == "qwen2":
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        elif family == "qwen3":
+            qkv_bias = o_bias = attention_bias
+            mlp_bias = False
+        else:
+            qkv_bias = o_bias = attention_bias
+            mlp_bias = bool(hf.get("mlp_bias", False))
+        self.self_attn = LlamaAttention(
+            config, layer_idx, dtype, qkv_bias, o_bias, qk_norm=family == "qwen3"
+        )
+        self.mlp = LlamaMLP(config, dtype, mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h, ctx.backend), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h, ctx.backend), ctx)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(config, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.norm(h, ctx.backend)
+
+
+class LlamaForCausalLM(CausalLM):
+    packed_modules = {
+        ".q_proj.": (".qkv_proj.", 0),
+        ".k_proj.": (".qkv_proj.", 1),
+        ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        act = config.hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{config.architecture} with hidden_act {act!r} is not supported")
+        _warn_sliding_window(config)
+        self.config = config
+        self.model = LlamaModel(config, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head: Linear | Embedding = self.model.embed_tokens
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+
+
+def _warn_sliding_window(config: ModelConfig) -> None:
+    hf = config.hf
+    window = hf.get("sliding_window")
+    if config.family == "llama":
+        used = window is not None  # Mistral applies it whenever set
+    else:
+        used = bool(hf.get("use_sliding_window", False))
+    if used and window and window < config.max_position_embeddings:
+        logger.warning(
+            "%s declares sliding-window attention (window %d), which hwlm does not implement: "
+            "outputs differ from the reference for contexts longer than %d tokens",
+            config.architecture,
+            window,
+            window,
+        )
