@@ -109,3 +109,4 @@ class Backend(ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on synchronous devices."""
+        return None

@@ -22,7 +22,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--memory-utilization", "--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    parser.add_argument(
+        "--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"]
+    )
     parser.add_argument("--tokenizer", default=None)
 
 
@@ -45,7 +47,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwlm", description="Serve and run LLMs on any hardware.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     devices = sub.add_parser("devices", help="list the known backends and whether each is usable")
@@ -63,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    throughput = bench_sub.add_parser("throughput", help="offline throughput (like vllm bench throughput)")
+    throughput = bench_sub.add_parser(
+        "throughput", help="offline throughput (like vllm bench throughput)"
+    )
     from hwlm.bench import throughput as throughput_module
 
     throughput_module.add_arguments(throughput)

@@ -83,7 +83,9 @@ class ModelConfig:
         head_size = int(hf.get("head_dim") or hidden // num_heads)
         theta, scaling = _rope_settings(hf)
         eos = hf.get("eos_token_id")
-        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        eos_ids = (
+            [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        )
         tie = hf.get("tie_word_embeddings")
         dtype_name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         return cls(
@@ -157,7 +159,9 @@ class EngineConfig:
             f"memory_utilization must be in (0, 1], got {self.memory_utilization}",
         )
         if self.num_kv_blocks is not None:
-            _require(self.num_kv_blocks >= 1, f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+            _require(
+                self.num_kv_blocks >= 1, f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}"
+            )
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

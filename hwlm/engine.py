@@ -63,10 +63,14 @@ class LLMEngine:
         self.dtype = self._resolve_dtype(args.dtype)
         problems = self.backend.check(self.model_config, self.config, self.dtype)
         if problems:
-            raise ValueError(f"{self.backend.name} cannot serve {args.model}: " + "; ".join(problems))
+            raise ValueError(
+                f"{self.backend.name} cannot serve {args.model}: " + "; ".join(problems)
+            )
         self.tokenizer = load_tokenizer(args.tokenizer or resolved.tokenizer_path)
         start = time.perf_counter()
-        model = load_model(resolved, self.model_config, self.backend, self.dtype, args.load_format, args.seed)
+        model = load_model(
+            resolved, self.model_config, self.backend, self.dtype, args.load_format, args.seed
+        )
         logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
         num_blocks = self._num_kv_blocks()
         kv_caches = self.backend.allocate_kv_cache(
@@ -78,7 +82,9 @@ class LLMEngine:
             self.dtype,
         )
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
-        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.runner = ModelRunner(model, self.backend, kv_caches, self.config.block_size)
         self.eos_token_ids = self._eos_token_ids()
@@ -171,7 +177,9 @@ class LLMEngine:
             raise ValueError("a prompt dict needs a 'prompt' or 'prompt_token_ids' key")
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise ValueError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}"
+        )
 
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         cfg = self.config

@@ -135,7 +135,9 @@ class LLM:
                     output_tokens += sum(len(c.token_ids) for c in out.outputs)
                     bar.update(1)
                     elapsed = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix_str(f"output {output_tokens / elapsed:.1f} tok/s", refresh=False)
+                    bar.set_postfix_str(
+                        f"output {output_tokens / elapsed:.1f} tok/s", refresh=False
+                    )
         return [results[r] for r in request_ids]
 
 
@@ -144,7 +146,7 @@ def _as_prompt_list(prompts: PromptType | SequenceABC[PromptType]) -> list[Promp
         return [prompts]
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single token-id prompt
-    prompt_list = list(prompts)
+    prompt_list: list[PromptType] = list(prompts)  # type: ignore[arg-type]
     if not prompt_list:
         raise ValueError("prompts is empty: give at least one prompt")
     return prompt_list

@@ -13,6 +13,7 @@ import torch
 
 from hwlm.attention import AttentionMetadata, ForwardContext
 from hwlm.backend import Backend
+from hwlm.models import CausalLM
 from hwlm.sampler import Sampler, SamplerOutput
 from hwlm.scheduler import ScheduledBatch
 from hwlm.sequence import Sequence
@@ -29,7 +30,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, backend: Backend, kv_caches: list[torch.Tensor], block_size: int
+        self, model: CausalLM, backend: Backend, kv_caches: list[torch.Tensor], block_size: int
     ) -> None:
         self.model = model
         self.backend = backend

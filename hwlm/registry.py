@@ -58,7 +58,9 @@ def describe_backends() -> list[BackendInfo]:
             cls = load_backend_class(name, target)
             probe = cls.probe()
         except Exception as exc:  # a broken plugin must not break device listing
-            infos.append(BackendInfo(name, target, ProbeResult(False, 0, f"cannot load: {exc}"), None))
+            infos.append(
+                BackendInfo(name, target, ProbeResult(False, 0, f"cannot load: {exc}"), None)
+            )
             continue
         infos.append(BackendInfo(name, target, probe, cls))
     return infos
@@ -69,7 +71,9 @@ def select_backend(device: str) -> type[Backend]:
     if device != "auto":
         targets = known_backends()
         if device not in targets:
-            raise ValueError(f"unknown device {device!r}; known: {', '.join(sorted(targets))}, auto")
+            raise ValueError(
+                f"unknown device {device!r}; known: {', '.join(sorted(targets))}, auto"
+            )
         cls = load_backend_class(device, targets[device])
         probe = cls.probe()
         if not probe.available:
@@ -79,7 +83,9 @@ def select_backend(device: str) -> type[Backend]:
     infos = describe_backends()
     for info in infos:
         state = "available" if info.probe.available else "not available"
-        logger.info("device %s: %s (score %d): %s", info.name, state, info.probe.score, info.probe.reason)
+        logger.info(
+            "device %s: %s (score %d): %s", info.name, state, info.probe.score, info.probe.reason
+        )
     usable = [i for i in infos if i.probe.available and i.backend_class is not None]
     if not usable:
         raise ValueError("no usable device found; run `hwlm devices` to see why")

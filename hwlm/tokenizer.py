@@ -42,7 +42,9 @@ class IncrementalDetokenizer:
         prefix = self.tokenizer.decode(
             self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip
         )
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=self.skip)
+        full = self.tokenizer.decode(
+            self.token_ids[self.prefix_offset :], skip_special_tokens=self.skip
+        )
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix) :]

@@ -28,7 +28,9 @@ PROMPTS = _prompts()
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """A saved tiny model of one architecture, and transformers' greedy answer to each prompt."""
     folder = tmp_path_factory.mktemp(request.param)
     model = build_tiny_model(request.param, folder)
@@ -52,7 +54,9 @@ def assert_matches_hf(outputs: list, expected: list, prompts: list[list[int]]) -
         got = [step[tok].logprob for step, tok in zip(completion.logprobs, tokens, strict=True)]
         worst = max(abs(a - b) for a, b in zip(got, logprobs, strict=True))
         assert worst <= LOGPROB_TOL, f"logprob differs by {worst:.2e}"
-        assert completion.cumulative_logprob == pytest.approx(sum(logprobs), abs=NEW_TOKENS * LOGPROB_TOL)
+        assert completion.cumulative_logprob == pytest.approx(
+            sum(logprobs), abs=NEW_TOKENS * LOGPROB_TOL
+        )
 
 
 def assert_all_blocks_free(llm: LLM) -> None:
@@ -87,7 +91,9 @@ def test_greedy_equals_transformers(tiny: dict[str, Any], mode: str, device: str
 def test_prefix_caching_reuses_shared_prefix(
     tiny: dict[str, Any], enable_prefix_caching: bool, device: str
 ) -> None:
-    llm = LLM(tiny["path"], device=device, block_size=4, enable_prefix_caching=enable_prefix_caching)
+    llm = LLM(
+        tiny["path"], device=device, block_size=4, enable_prefix_caching=enable_prefix_caching
+    )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     first = llm.generate([{"prompt_token_ids": PROMPTS[5]}], params, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[6:]], params, use_tqdm=False)

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hwlm.backends.reference import ReferenceBackend
 from safetensors.torch import load_file, save_file
 
 from hwlm import presets
 from hwlm.attention import AttentionMetadata, ForwardContext
+from hwlm.backends.reference import ReferenceBackend
 from hwlm.config import ModelConfig
 from hwlm.loader import ResolvedModel, load_model, resolve_model
 from hwlm.models import CausalLM

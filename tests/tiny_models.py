@@ -34,15 +34,27 @@ _INIT = 0.2
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": (
         "LlamaConfig",
-        dict(intermediate_size=128, num_key_value_heads=2, initializer_range=_INIT, rms_norm_eps=1e-6),
+        dict(
+            intermediate_size=128, num_key_value_heads=2, initializer_range=_INIT, rms_norm_eps=1e-6
+        ),
     ),
     "mistral": (
         "MistralConfig",
-        dict(intermediate_size=128, num_key_value_heads=1, initializer_range=_INIT, sliding_window=None),
+        dict(
+            intermediate_size=128,
+            num_key_value_heads=1,
+            initializer_range=_INIT,
+            sliding_window=None,
+        ),
     ),
     "qwen2": (
         "Qwen2Config",
-        dict(intermediate_size=128, num_key_value_heads=2, initializer_range=_INIT, use_sliding_window=False),
+        dict(
+            intermediate_size=128,
+            num_key_value_heads=2,
+            initializer_range=_INIT,
+            use_sliding_window=False,
+        ),
     ),
     "qwen3": (
         "Qwen3Config",
@@ -50,7 +62,13 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "opt": (
         "OPTConfig",
-        dict(ffn_dim=128, word_embed_proj_dim=64, init_std=_INIT, do_layer_norm_before=True, tie_word_embeddings=True),
+        dict(
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            init_std=_INIT,
+            do_layer_norm_before=True,
+            tie_word_embeddings=True,
+        ),
     ),
 }
 

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 # Named workloads of shared/benchmarks.md.
 WORKLOADS: dict[str, dict] = {
-    "c1": dict(model="c1-llama", num_prompts=32, input_len_min=32, input_len_max=256, output_len=64),
+    "c1": dict(
+        model="c1-llama", num_prompts=32, input_len_min=32, input_len_max=256, output_len=64
+    ),
 }
 
 
@@ -32,7 +34,9 @@ class ThroughputResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="a named workload (sets the rest)")
+    parser.add_argument(
+        "--workload", choices=sorted(WORKLOADS), help="a named workload (sets the rest)"
+    )
     parser.add_argument("--model", default="c1-llama", help="preset name or model folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -43,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate and generate_batch")
+    parser.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also time transformers generate and generate_batch",
+    )
     parser.add_argument("--output-json", help="write the results here")
 
 
@@ -60,7 +68,9 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
         hf_model = None
         if args.compare_hf:
             if preset is None:
-                raise ValueError("--compare-hf needs a preset model name (its weights are built here)")
+                raise ValueError(
+                    "--compare-hf needs a preset model name (its weights are built here)"
+                )
             from hwlm.bench.hf_baselines import build_hf_model
 
             hf_model = build_hf_model(preset, folder, seed=args.seed)
@@ -82,7 +92,9 @@ def _prompts(args: argparse.Namespace, preset: dict | None) -> list[list[int]]:
     return make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, vocab, args.seed)
 
 
-def _run_hwlm(args: argparse.Namespace, model: str, load_format: str, prompts: list[list[int]]) -> ThroughputResult:
+def _run_hwlm(
+    args: argparse.Namespace, model: str, load_format: str, prompts: list[list[int]]
+) -> ThroughputResult:
     from hwlm import LLM, SamplingParams
 
     llm = LLM(
@@ -96,7 +108,9 @@ def _run_hwlm(args: argparse.Namespace, model: str, load_format: str, prompts: l
         max_model_len=args.input_len_max + args.output_len + 1,
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[:8]} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
+    llm.generate(
+        [{"prompt_token_ids": p[:8]} for p in prompts[:2]], params, use_tqdm=False
+    )  # warm-up
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -105,16 +119,22 @@ def _run_hwlm(args: argparse.Namespace, model: str, load_format: str, prompts: l
 
 
 def _from_baseline(result: BaselineResult) -> ThroughputResult:
-    return ThroughputResult(result.name, result.seconds, result.output_tokens_per_s, result.requests_per_s)
+    return ThroughputResult(
+        result.name, result.seconds, result.output_tokens_per_s, result.requests_per_s
+    )
 
 
 def _report(results: list[ThroughputResult], args: argparse.Namespace) -> None:
     lines = [f"{'engine':<28}{'seconds':>10}{'output tok/s':>15}{'req/s':>10}"]
     for r in results:
-        lines.append(f"{r.name:<28}{r.seconds:>10.2f}{r.output_tokens_per_s:>15.1f}{r.requests_per_s:>10.3f}")
+        lines.append(
+            f"{r.name:<28}{r.seconds:>10.2f}{r.output_tokens_per_s:>15.1f}{r.requests_per_s:>10.3f}"
+        )
     if len(results) > 1:
         best = max(results[1:], key=lambda r: r.output_tokens_per_s)
-        lines.append(f"hwlm / best transformers baseline ({best.name}): {results[0].output_tokens_per_s / best.output_tokens_per_s:.2f}x")
+        lines.append(
+            f"hwlm / best transformers baseline ({best.name}): {results[0].output_tokens_per_s / best.output_tokens_per_s:.2f}x"
+        )
     print("\n".join(lines))
     if args.output_json:
         with open(args.output_json, "w") as f:
