@@ -1,0 +1,1 @@
+"""Benchmark helpers: prompt generation and the Hugging Face transformers baselines."""

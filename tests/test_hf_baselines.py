@@ -1,0 +1,88 @@
+"""The transformers baselines of the throughput benchmark, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwlm.bench.hf_baselines import (
+    build_hf_model,
+    make_prompts,
+    run_hf_generate,
+    run_hf_generate_batch,
+)
+
+pytest.importorskip("transformers")
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+OUTPUT_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    return build_hf_model(TINY_LLAMA, str(tmp_path_factory.mktemp("tiny-llama")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return make_prompts(6, 4, 40, TINY_LLAMA["vocab_size"], seed=0)
+
+
+def test_make_prompts_is_deterministic_and_in_range() -> None:
+    prompts = make_prompts(50, 32, 256, 32000, seed=0)
+    assert prompts == make_prompts(50, 32, 256, 32000, seed=0)
+    assert prompts != make_prompts(50, 32, 256, 32000, seed=1)
+    assert len(prompts) == 50
+    assert all(32 <= len(p) <= 256 for p in prompts)
+    assert all(0 <= t < 32000 for p in prompts for t in p)
+    assert all(type(t) is int for p in prompts for t in p)
+
+
+def test_build_hf_model_saves_loadable_weights(tiny_model, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "again"
+    again = build_hf_model(TINY_LLAMA, str(folder), seed=0)
+    assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_baselines_agree_with_unpadded_generate(tiny_model, prompts) -> None:
+    generate = run_hf_generate(tiny_model, prompts, OUTPUT_LEN)
+    batch = run_hf_generate_batch(tiny_model, prompts, OUTPUT_LEN)
+    for result in (generate, batch):
+        assert len(result.output_token_ids) == len(prompts)
+        assert all(len(out) == OUTPUT_LEN for out in result.output_token_ids)
+        assert result.seconds > 0
+        assert result.output_tokens_per_s == pytest.approx(
+            len(prompts) * OUTPUT_LEN / result.seconds
+        )
+        assert result.requests_per_s == pytest.approx(len(prompts) / result.seconds)
+    assert batch.output_token_ids == generate.output_token_ids
+
+    from transformers import GenerationConfig
+
+    # Reference: one unpadded prompt at a time. eos_token_id=[] so EOS neither stops nor is masked.
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=OUTPUT_LEN, eos_token_id=[], pad_token_id=0
+    )
+    with torch.inference_mode():
+        for prompt, out in zip(prompts, generate.output_token_ids, strict=True):
+            ref = tiny_model.generate(input_ids=torch.tensor([prompt]), generation_config=config)
+            assert ref[0, len(prompt) :].tolist() == out
