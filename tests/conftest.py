@@ -11,6 +11,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="cpu",
         help="backend for end-to-end tests: cpu, cuda, rocm, a plugin name, or auto",
     )
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="conformance: a small grid of cases (for slow backends, e.g. the Triton interpreter)",
+    )
+    parser.addoption(
+        "--support-matrix",
+        default=None,
+        metavar="PATH",
+        help="conformance: write (merge) this device's column of the support matrix into PATH",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,35 @@
+"""The conformance suite's backend (from ``--device``) and its support-matrix writer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from hwlm.backend import Backend
+from hwlm.registry import select_backend
+from tests.conformance.support_matrix import record, write_matrix
+
+_results: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+
+
+@pytest.fixture(scope="session")
+def backend(device: str) -> Backend:
+    """An instance of the backend under test; an unavailable device fails with its reason."""
+    try:
+        return select_backend(device)()
+    except ValueError as exc:
+        pytest.exit(f"conformance: {exc}", returncode=4)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    record(_results, item, report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("--support-matrix")
+    if path and _results:
+        write_matrix(path, session.config.getoption("--device"), _results)

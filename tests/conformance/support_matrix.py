@@ -1,0 +1,95 @@
+"""Collects conformance outcomes by case family and writes docs/support-matrix.md.
+
+Each run fills (or replaces) the column of the device it ran on and keeps the other columns, so
+the matrix is built up by running the suite on each kind of hardware.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+Results = dict[tuple[str, str], list[tuple[str, str]]]  # (family, dtype) -> [(outcome, reason)]
+
+HEADER = """# Support matrix
+
+Written by the conformance suite: `pytest tests/conformance --device DEVICE --support-matrix
+docs/support-matrix.md` fills the column of DEVICE and keeps the others. A cell says how many cases
+of that family passed, failed (FAIL), or were skipped with the backend's own reason.
+"""
+
+
+def family_of(item: pytest.Item) -> tuple[str, str] | None:
+    params: dict[str, Any] = getattr(getattr(item, "callspec", None), "params", {})
+    if "attention_case" in params:
+        case = params["attention_case"]
+        return f"attention {case.batch}", case.dtype
+    if "cache_case" in params:
+        return item.name.split("[")[0].removeprefix("test_"), params["cache_case"][0]
+    if "norm_dtype" in params:
+        return item.name.split("[")[0].removeprefix("test_"), params["norm_dtype"]
+    return None
+
+
+def record(results: Results, item: pytest.Item, report: pytest.TestReport) -> None:
+    key = family_of(item)
+    if key is None or not (report.when == "call" or report.outcome != "passed"):
+        return
+    reason = ""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+    results[key].append((report.outcome, reason))
+
+
+def cell(outcomes: list[tuple[str, str]]) -> str:
+    passed = sum(1 for o, _ in outcomes if o == "passed")
+    failed = sum(1 for o, _ in outcomes if o == "failed")
+    skipped = [r for o, r in outcomes if o == "skipped"]
+    parts = []
+    if failed:
+        parts.append(f"FAIL ({failed} of {len(outcomes)})")
+    if passed:
+        parts.append(f"pass ({passed})")
+    if skipped:
+        reasons = sorted(set(skipped))
+        parts.append(
+            f"skipped ({len(skipped)}): " + " / ".join(r.replace("|", "/") for r in reasons[:2])
+        )
+    return ", ".join(parts)
+
+
+def read_table(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    devices: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    if not path.exists():
+        return devices, rows
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    if len(lines) < 2:
+        return devices, rows
+    devices = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(devices, cells[1:], strict=False))
+    return devices, rows
+
+
+def write_matrix(path_name: str, device: str, results: Results) -> None:
+    path = Path(path_name)
+    devices, rows = read_table(path)
+    if device not in devices:
+        devices.append(device)
+    for row in rows.values():
+        row.pop(device, None)
+    for (family, dtype), outcomes in results.items():
+        rows.setdefault(f"{family} / {dtype}", {})[device] = cell(outcomes)
+    lines = [HEADER, f"Last written for `{device}` on {datetime.date.today().isoformat()}.", ""]
+    lines.append("| case family / dtype | " + " | ".join(devices) + " |")
+    lines.append("|---" * (len(devices) + 1) + "|")
+    for name in sorted(rows):
+        lines.append(
+            f"| {name} | " + " | ".join(rows[name].get(d, "not run") for d in devices) + " |"
+        )
+    path.write_text("\n".join(lines) + "\n")
