@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     devices = sub.add_parser("devices", help="list the known backends and whether each is usable")
+    devices.add_argument(
+        "--check", action="store_true", help="also run a tiny smoke test on each usable backend"
+    )
     devices.set_defaults(func=_devices)
 
     gen = sub.add_parser("generate", help="generate text for one prompt and print it")
@@ -80,11 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _devices(args: argparse.Namespace) -> int:
     from hwlm.registry import describe_backends
 
-    print(f"{'device':<10}{'available':<11}{'score':>6}  reason")
+    print(f"{'device':<24}{'available':<11}{'score':>6}  reason")
+    failed = False
     for info in describe_backends():
         state = "yes" if info.probe.available else "no"
-        print(f"{info.name:<10}{state:<11}{info.probe.score:>6}  {info.probe.reason}")
-    return 0
+        print(f"{info.name:<24}{state:<11}{info.probe.score:>6}  {info.probe.reason}")
+        if args.check and info.probe.available and info.backend_class is not None:
+            from hwlm.smoke import smoke_test
+
+            ok, detail = smoke_test(info.backend_class)
+            failed |= not ok
+            print(f"{'':<24}{'PASS' if ok else 'FAIL'}: {detail}")
+    return 1 if failed else 0
 
 
 def _generate(args: argparse.Namespace) -> int:
