@@ -1,4 +1,8 @@
-"""The CPU backend: paged attention in numba, dense layers in torch."""
+"""The CPU backend: float32 paged attention and KV-cache writes as numba kernels.
+
+The kernels (and numba) are imported when a backend is created, not when this module is, so that
+probing devices stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,25 @@ from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, ProbeResult
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -25,35 +47,43 @@ def _available_memory() -> int:
 class CPUBackend(Backend):
     name = "cpu"
     supported_dtypes = (torch.float32,)
-    preferred_dtype = torch.float32
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hwlm.kernels import numba as kernels
+
+        self._kernels = kernels
 
     @classmethod
     def probe(cls) -> ProbeResult:
-        cores = os.cpu_count() or 1
-        return ProbeResult(True, 10, f"{platform.machine()} CPU, {cores} cores (numba kernels)")
+        return ProbeResult(True, 10, f"{_usable_cores()} cores of {_cpu_name()}")
 
     def memory_budget(self, memory_utilization: float) -> int:
         return int(memory_utilization * _available_memory())
 
-    def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
-        flat = kv_cache.view(2, -1, kv_cache.shape[3], kv_cache.shape[4])
-        keep = slot_mapping >= 0
-        if not bool(keep.all()):
-            key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-        flat[0].index_copy_(0, slot_mapping, key)
-        flat[1].index_copy_(0, slot_mapping, value)
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        self._kernels.write_kv(key, value, kv_cache, slot_mapping)
 
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        from hwlm.kernels.numba.paged_attention import paged_attention
-
-        return paged_attention(query, kv_cache, metadata, scale)
+        return self._kernels.paged_attention(query, kv_cache, metadata, scale)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs])
-        dst = torch.tensor([d for _, d in pairs])
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        if set(src.tolist()) & set(dst.tolist()):  # a chain: copy in order, as the reference does
+            for cache in kv_caches:
+                for s, d in pairs:
+                    cache[:, d] = cache[:, s]
+            return
         for cache in kv_caches:
             cache[:, dst] = cache[:, src]

@@ -1,0 +1,194 @@
+"""The CPU backend's numba kernels against the float64 torch reference."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import threading
+
+import pytest
+import torch
+
+from hwlm.attention import AttentionMetadata
+from hwlm.backends.cpu import CPUBackend
+from hwlm.kernels import reference
+
+# Max abs error against float64, for outputs of order one (convex combinations of N(0, 1)).
+ATOL = 1e-5
+NUM_KV_HEADS = 2
+# (query_len, seq_len): pure prefill, chunked prefill over a cached prefix, decode; lengths cross
+# the kernel's key tiles (32) and query chunks (16).
+MIXED = [(37, 37), (13, 50), (1, 29), (1, 1), (40, 70), (1, 64)]
+
+
+@pytest.fixture(scope="module")
+def backend() -> CPUBackend:
+    return CPUBackend()
+
+
+def sentinel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A finite, distinctive fill for memory that must not be read or written."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g).mul(2000.0).sub(1000.0)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def paged_batch(seqs, block_size, num_heads, head_size, seed=0, q_scale=1.0):
+    """Query, a sentinel-filled cache whose blocks are a shuffled subset of a larger pool holding
+    each sequence's context, and the metadata."""
+    g = torch.Generator().manual_seed(seed)
+    need = [(seq_len + block_size - 1) // block_size for _, seq_len in seqs]
+    pool = 2 * sum(need) + 5
+    physical = torch.randperm(pool, generator=g)
+    cache = sentinel((2, pool, block_size, NUM_KV_HEADS, head_size), seed + 1)
+    rows = cache.view(2, -1, NUM_KV_HEADS, head_size)
+    tables = torch.zeros(len(seqs), max(need), dtype=torch.int32)
+    start = 0
+    for i, ((_, seq_len), n) in enumerate(zip(seqs, need, strict=True)):
+        tables[i, :n] = physical[start : start + n].int()
+        start += n
+        pos = torch.arange(seq_len)
+        slots = tables[i].long()[pos // block_size] * block_size + pos % block_size
+        rows[:, slots] = torch.randn(2, seq_len, NUM_KV_HEADS, head_size, generator=g)
+    q_lens = [q for q, _ in seqs]
+    metadata = AttentionMetadata(
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()]).int(),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.full((sum(q_lens),), -1, dtype=torch.int64),  # unused here
+        max_query_len=max(q_lens),
+        max_seq_len=max(s for _, s in seqs),
+    )
+    query = torch.randn(sum(q_lens), num_heads, head_size, generator=g) * q_scale
+    return query, cache, metadata
+
+
+@pytest.mark.parametrize("head_size", [32, 64, 80])
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16, 12])
+def test_attention_matches_reference(backend, block_size, gqa, head_size):
+    query, cache, metadata = paged_batch(MIXED, block_size, NUM_KV_HEADS * gqa, head_size)
+    before = cache.clone()
+    scale = head_size**-0.5
+    out = backend.attention(query, cache, metadata, scale)
+    expected = reference.paged_attention(query, cache, metadata, scale, torch.float64)
+    assert out.shape == query.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+    assert torch.equal(bits(cache), bits(before))
+
+
+def test_attention_large_scores_no_nan(backend):
+    # Scores in the hundreds: a softmax without a running max overflows to inf and NaN.
+    query, cache, metadata = paged_batch(MIXED, 16, 8, 64, seed=3, q_scale=200.0)
+    out = backend.attention(query, cache, metadata, 64**-0.5)
+    assert not out.isnan().any()
+    expected = reference.paged_attention(query, cache, metadata, 64**-0.5, torch.float64)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=0)
+
+
+def test_attention_strided_query_and_empty_batch(backend):
+    query, cache, metadata = paged_batch(MIXED, 16, 4, 64, seed=4)
+    wide = torch.zeros(query.shape[0], 4, 2 * 64)
+    wide[:, :, 64:] = query
+    out = backend.attention(wide[:, :, 64:], cache, metadata, 0.125)
+    torch.testing.assert_close(out, backend.attention(query, cache, metadata, 0.125))
+    empty = AttentionMetadata(
+        torch.zeros(1, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.int32),
+        torch.zeros(0, 1, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.int64),
+        0,
+        0,
+    )
+    assert backend.attention(query[:0], cache, empty, 0.125).shape == (0, 4, 64)
+
+
+def test_attention_rejects_block_outside_cache(backend):
+    query, cache, metadata = paged_batch(MIXED, 16, 4, 64)
+    metadata.block_tables[0, 0] = cache.shape[1]
+    with pytest.raises(ValueError, match="outside the cache"):
+        backend.attention(query, cache, metadata, 0.125)
+
+
+def _call_from_threads(query, cache, metadata, expected):
+    backend, same = CPUBackend(), []
+
+    def call():
+        for _ in range(20):
+            same.append(torch.equal(backend.attention(query, cache, metadata, 0.125), expected))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sys.exit(0 if same == [True] * 60 else 1)
+
+
+def test_attention_in_forked_child_from_threads(backend):
+    """A child forked after a launch can launch too (under numba's OpenMP layer it aborts), and
+    concurrent calls from threads are safe (unserialised, numba's workqueue layer aborts)."""
+    query, cache, metadata = paged_batch(MIXED, 16, 4, 64)
+    expected = backend.attention(query, cache, metadata, 0.125)
+    child = multiprocessing.get_context("fork").Process(
+        target=_call_from_threads, args=(query, cache, metadata, expected)
+    )
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 12])
+def test_write_kv_touches_only_its_slots(backend, block_size):
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, head_size, num_tokens = 24, 80, 17
+    [cache] = backend.allocate_kv_cache(
+        1, num_blocks, block_size, NUM_KV_HEADS, head_size, torch.float32
+    )
+    cache.copy_(sentinel(tuple(cache.shape), 11))
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[[2, 9]] = -1
+    # Key and value as strided views of one projection output, as a model produces them.
+    kv = torch.randn(num_tokens, 2, NUM_KV_HEADS, head_size, generator=g)
+    key, value = kv[:, 0], kv[:, 1]
+    expected = cache.clone()
+    rows = expected.view(2, -1, NUM_KV_HEADS, head_size)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            rows[0, slot], rows[1, slot] = key[t], value[t]
+    backend.write_kv(key, value, cache, slots)
+    assert torch.equal(bits(cache), bits(expected))
+
+
+def test_write_kv_all_skipped_and_out_of_range(backend):
+    [cache] = backend.allocate_kv_cache(1, 3, 4, NUM_KV_HEADS, 32, torch.float32)
+    cache.copy_(sentinel(tuple(cache.shape), 12))
+    before = cache.clone()
+    key = torch.randn(2, NUM_KV_HEADS, 32)
+    backend.write_kv(key, key, cache, torch.tensor([-1, -1]))
+    assert torch.equal(bits(cache), bits(before))
+    with pytest.raises(ValueError, match="outside the cache"):
+        backend.write_kv(key, key, cache, torch.tensor([0, 12]))
+
+
+@pytest.mark.parametrize("pairs", [[(1, 6), (3, 0), (5, 2)], [(1, 2), (2, 4)]])
+def test_copy_blocks(backend, pairs):
+    caches = backend.allocate_kv_cache(3, 8, 4, NUM_KV_HEADS, 32, torch.float32)
+    for i, cache in enumerate(caches):
+        cache.copy_(sentinel(tuple(cache.shape), 20 + i))
+    expected = [c.clone() for c in caches]
+    reference.copy_blocks(expected, pairs)
+    backend.copy_blocks(caches, pairs)
+    for got, want in zip(caches, expected, strict=True):
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_probe_and_memory_budget(backend):
+    probe = CPUBackend.probe()
+    assert probe.available and probe.score == 10 and "cores" in probe.reason
+    small, large = backend.memory_budget(0.2), backend.memory_budget(0.8)
+    assert 0 < small < large
+    assert large == pytest.approx(4 * small, rel=0.05)  # MemAvailable may move a little
