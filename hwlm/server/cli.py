@@ -1,0 +1,131 @@
+"""``hwlm serve``: the argument parser and the server's main loop.
+
+This module imports no web framework at import time (``hwlm.cli`` imports it for every command);
+fastapi and uvicorn are imported inside ``run_serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "hwlm-tiny"
+API_KEY_ENV = "HWLM_API_KEY"
+GRACEFUL_SHUTDOWN_S = 5  # backstop: uvicorn cancels responses still open this long after a signal
+
+
+def add_serve_parser(
+    subparsers: Any,
+    add_engine_arguments: Callable[[argparse.ArgumentParser], None],
+    engine_kwargs: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+) -> argparse.ArgumentParser:
+    """Register ``serve [MODEL]`` with ``vllm serve``'s flag names; with ``engine_kwargs`` (the
+    namespace -> engine keyword arguments function) it also sets the command's ``func``."""
+    serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="localhost")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})",
+    )
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
+    )
+    serve.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
+    add_engine_arguments(serve)
+    if engine_kwargs is not None:
+        serve.set_defaults(func=lambda args: run_serve(args, engine_kwargs(args)))
+    return serve
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM handler outside uvicorn's own: while the model loads a signal interrupts
+    the load (KeyboardInterrupt); once serving, it asks the server to exit. uvicorn re-raises the
+    signals it caught after its graceful shutdown; they land here and are absorbed."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.server is None:
+            raise KeyboardInterrupt
+        self.server.handle_exit(signum, frame)
+
+
+def run_serve(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
+    """Build the engine and the app, serve until SIGINT/SIGTERM, shut down; 0 on a clean exit."""
+    guard = _SignalGuard()
+    previous = {sig: signal.signal(sig, guard) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(args, engine_kwargs, guard)
+    except KeyboardInterrupt:
+        logger.info("interrupted before the server started")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _SignalGuard) -> int:
+    import uvicorn
+
+    from hwlm.engine import EngineArgs, LLMEngine
+    from hwlm.server.api import build_app
+    from hwlm.server.async_engine import AsyncLLMEngine
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    served_model_name = args.served_model_name or args.model
+    engine = AsyncLLMEngine(LLMEngine(EngineArgs(model=args.model, **engine_kwargs)))
+    try:
+        app = build_app(engine, served_model_name, api_key)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        server = _make_server(uvicorn, config, engine)
+        guard.server = server
+        logger.info(
+            "serving %r as %r on http://%s:%d%s",
+            args.model,
+            served_model_name,
+            args.host,
+            args.port,
+            " (API key required on /v1)" if api_key else "",
+        )
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0 if server.started else 1
+    finally:
+        engine.shutdown()
+        logger.info("server stopped")
+
+
+def _make_server(uvicorn: Any, config: Any, engine: Any) -> Any:
+    """A uvicorn.Server that, on SIGINT/SIGTERM, also stops the engine at once: in-flight
+    responses end promptly with an error (streams: an error event, then [DONE]) instead of
+    holding the shutdown until uvicorn's graceful timeout cancels them."""
+
+    class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            engine.shutdown(timeout=0)
+
+    return Server(config)

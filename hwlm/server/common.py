@@ -1,0 +1,49 @@
+"""Checks and bookkeeping shared by the completions and chat completions handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hwlm.outputs import RequestOutput
+from hwlm.sampling_params import SamplingParams
+from hwlm.server.errors import APIError
+from hwlm.server.protocol import MAX_LOGPROBS, SamplingRequest, UsageInfo
+
+
+def check_model(requested: str | None, served_model_name: str) -> None:
+    """404 unless the request names the served model (or names none)."""
+    if requested is not None and requested != served_model_name:
+        raise APIError(
+            f"the model {requested!r} does not exist; this server serves {served_model_name!r}",
+            404,
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_logprobs(value: int | None, param: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise APIError(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param=param)
+
+
+def sampling_params(
+    request: SamplingRequest, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The request's SamplingParams; 400 for anything unsupported or out of range."""
+    problem = request.unsupported()
+    if problem is not None:
+        raise APIError(problem[0], param=problem[1])
+    try:
+        return request.sampling_params(max_tokens, logprobs)
+    except ValueError as exc:  # SamplingParams' messages start with the field's name
+        words = str(exc).split()
+        param = words[0] if words and words[0] in type(request).model_fields else None
+        raise APIError(str(exc), param=param) from exc
+
+
+def usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )

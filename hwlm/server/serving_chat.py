@@ -1,0 +1,181 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request (n=1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from hwlm.outputs import CompletionOutput
+from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from hwlm.server.common import check_logprobs, check_model, sampling_params, usage
+from hwlm.server.errors import APIError
+from hwlm.server.logprobs import chat_logprobs
+from hwlm.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    now,
+    random_id,
+)
+from hwlm.server.streaming import (
+    SSE_DONE,
+    abort_all,
+    add_requests,
+    cancel_on_disconnect,
+    final_outputs,
+    merge_streams,
+    sse,
+    text_delta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them; content parts must be text."""
+    if not messages:
+        raise APIError("messages is empty: give at least one message", param="messages")
+    conversation = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        else:
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        f"messages[{i}]: only text content parts are supported, got {part.type!r}",
+                        param="messages",
+                    )
+                texts.append(part.text)
+            text = "\n".join(texts)
+        conversation.append({"role": message.role, "content": text})
+    return conversation
+
+
+def _apply_template(
+    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # no template, or the template rejects the conversation
+        raise APIError(f"cannot apply the chat template: {exc}", param="messages") from exc
+    if not isinstance(text, str):
+        raise APIError("the chat template did not produce text", param="messages")
+    return text
+
+
+async def create_chat_completion(
+    engine: AsyncLLMEngine, served_model_name: str, request: ChatCompletionRequest, raw: Request
+) -> Response:
+    check_model(request.model, served_model_name)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError("top_logprobs needs logprobs to be true", param="top_logprobs")
+    check_logprobs(request.top_logprobs, "top_logprobs")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    max_tokens = request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    params = sampling_params(request, max_tokens, logprobs)
+    text = _apply_template(
+        engine.tokenizer, _conversation(request.messages), request.add_generation_prompt
+    )
+    token_ids = await engine.tokenize(text, add_special_tokens=False)  # the template has them
+    prompt = {"prompt": text, "prompt_token_ids": token_ids}
+    request_id = random_id("chatcmpl")
+    streams = await add_requests(
+        engine, request_id, [prompt], params, stream=request.stream, param="messages"
+    )
+    if request.stream:
+        return StreamingResponse(
+            _stream(served_model_name, request, request_id, streams),
+            media_type="text/event-stream",
+            background=BackgroundTask(abort_all, streams),  # runs even if never iterated
+        )
+    try:
+        outputs = await cancel_on_disconnect(raw, final_outputs(streams))
+    finally:
+        abort_all(streams)
+    completion = outputs[0].outputs[0]
+    choice = ChatChoice(
+        index=0,
+        message=ChatResponseMessage(content=completion.text),
+        logprobs=_logprobs(completion, 0, request.top_logprobs if request.logprobs else None),
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
+    response = ChatCompletionResponse(
+        id=request_id, model=served_model_name, choices=[choice], usage=usage(outputs)
+    )
+    return JSONResponse(response.model_dump())
+
+
+def _logprobs(completion: CompletionOutput, start: int, top_n: int | None) -> ChatLogprobs | None:
+    if top_n is None or completion.logprobs is None:
+        return None
+    end = len(completion.token_ids)
+    return chat_logprobs(completion.token_ids[start:end], completion.logprobs[start:end], top_n)
+
+
+async def _stream(
+    model: str, request: ChatCompletionRequest, request_id: str, streams: list[RequestStream]
+) -> AsyncIterator[str]:
+    created = now()
+    top_n = (request.top_logprobs or 0) if request.logprobs else None
+    exclude = None if request.include_usage else {"usage"}
+
+    def chunk(choices: list[ChatStreamChoice]) -> str:
+        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices)
+        return sse(body.model_dump_json(exclude=exclude))
+
+    sent_text, sent_tokens = "", 0
+    try:
+        yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+        last = None
+        async for _, output in merge_streams(streams):
+            last = output
+            completion = output.outputs[0]
+            delta = text_delta(sent_text, completion.text)
+            new_tokens = len(completion.token_ids) > sent_tokens
+            if (
+                not delta
+                and not completion.finish_reason
+                and not (new_tokens and top_n is not None)
+            ):
+                continue
+            choice = ChatStreamChoice(
+                index=0,
+                delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
+                logprobs=_logprobs(completion, sent_tokens, top_n),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            sent_text, sent_tokens = completion.text, len(completion.token_ids)
+            yield chunk([choice])
+        if request.include_usage and last is not None:
+            body = ChatCompletionChunk(
+                id=request_id, created=created, model=model, choices=[], usage=usage([last])
+            )
+            yield sse(body.model_dump_json())
+    except EngineDeadError as exc:
+        yield sse(APIError(str(exc), 503).json())
+    except Exception:
+        logger.exception("%s: streaming failed", request_id)
+        yield sse(APIError("internal server error", 500).json())
+    yield SSE_DONE

@@ -1,0 +1,172 @@
+"""POST /v1/completions: one engine request per prompt, one choice per prompt (n=1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from hwlm.outputs import CompletionOutput, RequestOutput
+from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, PromptType, RequestStream
+from hwlm.server.common import check_logprobs, check_model, sampling_params, usage
+from hwlm.server.errors import APIError
+from hwlm.server.logprobs import completion_logprobs
+from hwlm.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    now,
+    random_id,
+)
+from hwlm.server.streaming import (
+    SSE_DONE,
+    abort_all,
+    add_requests,
+    cancel_on_disconnect,
+    final_outputs,
+    merge_streams,
+    sse,
+    text_delta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptType]:
+    """The request's prompts: a string, a token-id list, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+async def create_completion(
+    engine: AsyncLLMEngine, served_model_name: str, request: CompletionRequest, raw: Request
+) -> Response:
+    check_model(request.model, served_model_name)
+    check_logprobs(request.logprobs, "logprobs")
+    params = sampling_params(request, request.max_tokens, request.logprobs)
+    prompts = _prompts(request.prompt)
+    request_id = random_id("cmpl")
+    streams = await add_requests(engine, request_id, prompts, params, stream=request.stream)
+    logger.debug("%s: %d prompt(s), stream=%s", request_id, len(prompts), request.stream)
+    if request.stream:
+        return StreamingResponse(
+            _stream(engine, served_model_name, request, request_id, streams),
+            media_type="text/event-stream",
+            background=BackgroundTask(abort_all, streams),  # runs even if never iterated
+        )
+    try:
+        outputs = await cancel_on_disconnect(raw, final_outputs(streams))
+    finally:
+        abort_all(streams)
+    choices = []
+    for index, output in enumerate(outputs):
+        completion = output.outputs[0]
+        prefix = await _echo(engine, output) if request.echo else ""
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=prefix + completion.text,
+                logprobs=_logprobs(completion, 0, request.logprobs, len(prefix)),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+        )
+    response = CompletionResponse(
+        id=request_id, model=served_model_name, choices=choices, usage=usage(outputs)
+    )
+    return JSONResponse(response.model_dump())
+
+
+async def _echo(engine: AsyncLLMEngine, output: RequestOutput) -> str:
+    if output.prompt is not None:
+        return output.prompt
+    return await engine.detokenize(output.prompt_token_ids)
+
+
+def _logprobs(
+    completion: CompletionOutput, start: int, top_n: int | None, text_offset: int
+) -> CompletionLogprobs | None:
+    """Logprobs of the completion's tokens from index ``start`` on (None if not requested)."""
+    if top_n is None or completion.logprobs is None:
+        return None
+    end = len(completion.token_ids)
+    return completion_logprobs(
+        completion.token_ids[start:end], completion.logprobs[start:end], top_n, text_offset
+    )
+
+
+@dataclass
+class _ChoiceState:
+    """What one streamed choice has sent so far."""
+
+    text: str = ""  # engine text sent (without the echoed prompt)
+    num_tokens: int = 0
+    offset: int = 0  # characters sent, echo included
+    started: bool = False
+
+
+async def _stream(
+    engine: AsyncLLMEngine,
+    model: str,
+    request: CompletionRequest,
+    request_id: str,
+    streams: list[RequestStream],
+) -> AsyncIterator[str]:
+    created = now()
+    states = [_ChoiceState() for _ in streams]
+    last: list[RequestOutput | None] = [None] * len(streams)
+    try:
+        async for index, output in merge_streams(streams):
+            last[index] = output
+            state = states[index]
+            completion = output.outputs[0]
+            prefix = await _echo(engine, output) if request.echo and not state.started else ""
+            delta = prefix + text_delta(state.text, completion.text)
+            new_tokens = len(completion.token_ids) > state.num_tokens
+            if (
+                not delta
+                and not completion.finish_reason
+                and not (new_tokens and request.logprobs is not None)
+            ):
+                continue
+            choice = CompletionChoice(
+                index=index,
+                text=delta,
+                logprobs=_logprobs(
+                    completion, state.num_tokens, request.logprobs, state.offset + len(prefix)
+                ),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            state.text, state.num_tokens, state.started = (
+                completion.text,
+                len(completion.token_ids),
+                True,
+            )
+            state.offset += len(delta)
+            chunk = CompletionResponse(
+                id=request_id, created=created, model=model, choices=[choice]
+            )
+            yield sse(chunk.model_dump_json(exclude={"usage"}))
+        if request.include_usage:
+            finished = [o for o in last if o is not None]
+            chunk = CompletionResponse(
+                id=request_id, created=created, model=model, choices=[], usage=usage(finished)
+            )
+            yield sse(chunk.model_dump_json())
+    except EngineDeadError as exc:
+        yield sse(APIError(str(exc), 503).json())
+    except Exception:
+        logger.exception("%s: streaming failed", request_id)
+        yield sse(APIError("internal server error", 500).json())
+    yield SSE_DONE
