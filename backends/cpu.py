@@ -59,7 +59,11 @@ class CPUBackend(Backend):
         return ProbeResult(True, 10, f"{_usable_cores()} cores of {_cpu_name()}")
 
     def memory_budget(self, memory_utilization: float) -> int:
-        return int(memory_utilization * _available_memory())
+        """``memory_utilization`` of the available RAM, capped at HWLM_CPU_KVCACHE_SPACE GiB
+        (default 4, like vLLM's VLLM_CPU_KVCACHE_SPACE): on a CPU the KV cache shares memory
+        with everything else, so it does not take all of it by default."""
+        cap = float(os.environ.get("HWLM_CPU_KVCACHE_SPACE", "4")) * 2**30
+        return int(min(memory_utilization * _available_memory(), cap))
 
     def write_kv(
         self,

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(gen)
     gen.set_defaults(func=_generate)
 
+    from hwlm.server.cli import add_serve_parser
+
+    add_serve_parser(sub, _add_engine_arguments, _engine_kwargs)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     throughput = bench_sub.add_parser(

@@ -240,7 +240,11 @@ class LLMEngine:
             seq.cumulative_logprob += out.logprobs[i]
             top = out.top_logprobs[i]
             if seq.logprobs is not None and top is not None:
-                seq.logprobs.append(self._logprob_entry(token, out.logprobs[i], top))
+                entry = self._logprob_entry(token, out.logprobs[i], top)
+                if seq.params.detokenize:
+                    for token_id, lp in entry.items():
+                        lp.decoded_token = self.tokenizer.decode([token_id])
+                seq.logprobs.append(entry)
             if self._check_stop(seq, token):
                 self.scheduler.finish(seq)
                 if all(s.is_finished for s in self._requests[seq.request_id]):
@@ -295,16 +299,15 @@ class LLMEngine:
             text = seq.detokenizer.text
         else:
             text = decode_tokens(self.tokenizer, output_ids, params.skip_special_tokens)
-        if seq.logprobs is not None and params.detokenize and seq.is_finished:
-            for entry in seq.logprobs:
-                for token_id, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([token_id])
+        logprobs = None
+        if seq.logprobs is not None:
+            logprobs = [dict(entry) for entry in seq.logprobs]  # a snapshot: seq keeps growing
         return CompletionOutput(
             index=index,
             text=text,
             token_ids=output_ids,
             cumulative_logprob=seq.cumulative_logprob,
-            logprobs=seq.logprobs,
+            logprobs=logprobs,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )

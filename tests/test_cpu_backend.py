@@ -186,9 +186,12 @@ def test_copy_blocks(backend, pairs):
         assert torch.equal(bits(got), bits(want))
 
 
-def test_probe_and_memory_budget(backend):
+def test_probe_and_memory_budget(backend, monkeypatch):
     probe = CPUBackend.probe()
     assert probe.available and probe.score == 10 and "cores" in probe.reason
+    monkeypatch.setenv("HWLM_CPU_KVCACHE_SPACE", "100000")  # no cap: the utilisation decides
     small, large = backend.memory_budget(0.2), backend.memory_budget(0.8)
     assert 0 < small < large
     assert large == pytest.approx(4 * small, rel=0.05)  # MemAvailable may move a little
+    monkeypatch.setenv("HWLM_CPU_KVCACHE_SPACE", "0.5")
+    assert backend.memory_budget(0.8) == min(large, 2**29)
