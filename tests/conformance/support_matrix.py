@@ -29,6 +29,8 @@ def family_of(item: pytest.Item) -> tuple[str, str] | None:
         return f"attention {case.batch}", case.dtype
     if "cache_case" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["cache_case"][0]
+    if "arch" in params:
+        return f"end-to-end greedy = transformers ({params['arch']})", "float32"
     if "norm_dtype" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["norm_dtype"]
     return None
