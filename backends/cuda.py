@@ -1,0 +1,150 @@
+"""NVIDIA GPUs through PyTorch's CUDA runtime and the Triton kernels in ``hwlm.kernels.triton``.
+
+``probe()`` never initialises CUDA in the calling process: it reads the driver's
+``/proc/driver/nvidia/gpus`` entries, or asks NVML (``pynvml``, which opens no CUDA context).
+The Triton kernels are imported when a backend is constructed, so probing works without triton.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from hwlm.attention import AttentionMetadata
+from hwlm.backend import Backend, ProbeResult
+
+if TYPE_CHECKING:
+    from hwlm.config import EngineConfig, ModelConfig
+
+MIN_BLOCK_SIZE = 16
+MAX_HEAD_SIZE = 256
+
+
+def _nvidia_gpus(proc_dir: str = "/proc/driver/nvidia/gpus") -> list[str]:
+    """Model names of the NVIDIA GPUs the driver reports, without touching the CUDA runtime."""
+    names = []
+    for info in sorted(glob.glob(os.path.join(proc_dir, "*", "information"))):
+        name = "NVIDIA GPU"
+        try:
+            with open(info) as f:
+                for line in f:
+                    if line.startswith("Model:"):
+                        name = line.partition(":")[2].strip()
+                        break
+        except OSError:
+            pass
+        names.append(name)
+    if names:
+        return names
+    try:
+        import pynvml  # nvidia-ml-py: talks to the driver, creates no CUDA context
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            for i in range(count):
+                name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                names.append(name.decode() if isinstance(name, bytes) else str(name))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, or NVML unusable: treat as no GPU
+        return []
+    return names
+
+
+def _describe(names: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{c} x {n}" for n, c in counts.items())
+
+
+def _hidden_by_env() -> bool:
+    """CUDA_VISIBLE_DEVICES set to nothing (or -1) hides every GPU from this process."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible is not None and visible.strip() in ("", "-1")
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    preferred_dtype = torch.bfloat16
+    warp_size: ClassVar[int] = 32  # threads per warp: Triton's num_warps counts these
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hwlm.kernels import triton as kernels  # imports triton: only once we are chosen
+
+        self._kernels = kernels
+        self.device = torch.device("cuda", 0)
+        self._num_sms: int | None = None
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        if torch.version.hip is not None:
+            return ProbeResult(False, 0, "this PyTorch build is for ROCm; use the rocm backend")
+        if torch.version.cuda is None:
+            return ProbeResult(False, 0, "this PyTorch build has no CUDA support")
+        if _hidden_by_env():
+            return ProbeResult(False, 0, "CUDA_VISIBLE_DEVICES hides every GPU")
+        names = _nvidia_gpus()
+        if not names:
+            return ProbeResult(False, 0, "no NVIDIA GPU found (no driver entries, no NVML)")
+        return ProbeResult(True, 100, f"{_describe(names)} (CUDA {torch.version.cuda})")
+
+    def check(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> list[str]:
+        reasons = super().check(model, engine, dtype)
+        if not 16 <= model.head_size <= MAX_HEAD_SIZE or model.head_size % 8:
+            reasons.append(
+                f"{self.name} attention supports head sizes 16..{MAX_HEAD_SIZE} in multiples of "
+                f"8, got {model.head_size}"
+            )
+        if model.num_heads % model.num_kv_heads:
+            reasons.append(
+                f"num_heads ({model.num_heads}) must be a multiple of num_kv_heads "
+                f"({model.num_kv_heads})"
+            )
+        if engine.block_size < MIN_BLOCK_SIZE:
+            reasons.append(
+                f"{self.name} attention needs block_size >= {MIN_BLOCK_SIZE}, "
+                f"got {engine.block_size}"
+            )
+        return reasons
+
+    def memory_budget(self, memory_utilization: float) -> int:
+        """The allowed share of the whole device minus what is already in use (model included)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return max(0, int(memory_utilization * total - (total - free)))
+
+    @property
+    def num_sms(self) -> int:
+        if self._num_sms is None:
+            self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return self._num_sms
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        self._kernels.write_kv(key, value, kv_cache, slot_mapping, warp_size=self.warp_size)
+
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return self._kernels.paged_attention(
+            query, kv_cache, metadata, scale, warp_size=self.warp_size, num_sms=self.num_sms
+        )
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+        self._kernels.copy_blocks(kv_caches, pairs)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
