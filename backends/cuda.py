@@ -19,7 +19,7 @@ from hwlm.backend import Backend, ProbeResult
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
 
-MIN_BLOCK_SIZE = 16
+MIN_BLOCK_SIZE = 1  # the kernel gathers keys page by page: any page size works
 MAX_HEAD_SIZE = 256
 
 

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 # Built-in backends, imported only when asked for so that `import hwlm` loads no device runtime.
 BUILTIN_BACKENDS: dict[str, str] = {
+    "cuda": "hwlm.backends.cuda:CUDABackend",
+    "rocm": "hwlm.backends.rocm:ROCmBackend",
     "cpu": "hwlm.backends.cpu:CPUBackend",
 }
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,8 +115,10 @@ def test_attention_rejects_block_outside_cache(backend):
         backend.attention(query, cache, metadata, 0.125)
 
 
-def _call_from_threads(query, cache, metadata, expected):
-    backend, same = CPUBackend(), []
+def test_attention_from_threads(backend):
+    query, cache, metadata = paged_batch(MIXED, 16, 4, 64)
+    expected = backend.attention(query, cache, metadata, 0.125)
+    same = []
 
     def call():
         for _ in range(20):
@@ -125,20 +129,36 @@ def _call_from_threads(query, cache, metadata, expected):
         t.start()
     for t in threads:
         t.join()
-    sys.exit(0 if same == [True] * 60 else 1)
+    assert same == [True] * 60
 
 
-def test_attention_in_forked_child_from_threads(backend):
-    """A child forked after a launch can launch too (under numba's OpenMP layer it aborts), and
-    concurrent calls from threads are safe (unserialised, numba's workqueue layer aborts)."""
-    query, cache, metadata = paged_batch(MIXED, 16, 4, 64)
-    expected = backend.attention(query, cache, metadata, 0.125)
-    child = multiprocessing.get_context("fork").Process(
-        target=_call_from_threads, args=(query, cache, metadata, expected)
+FRESH_PROCESS = """
+import importlib.util, numba, torch
+torch.set_num_threads(1)
+from hwlm.backends.cpu import CPUBackend
+from tests.test_cpu_backend import MIXED, paged_batch
+query, cache, metadata = paged_batch(MIXED, 16, 4, 64)
+CPUBackend().attention(query, cache, metadata, 0.125)
+omp = importlib.util.find_spec("numba.np.ufunc.omppool") is not None
+print(numba.threading_layer(), omp, torch.get_num_threads())
+"""
+
+
+def test_threading_layer_in_fresh_process():
+    """numba runs on OpenMP (torch's pool) where it can, and leaves torch's thread count alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+        timeout=300,
     )
-    child.start()
-    child.join(timeout=120)
-    assert child.exitcode == 0
+    assert done.returncode == 0, done.stderr
+    layer, omp_available, torch_threads = done.stdout.split()
+    assert layer == "omp" or omp_available == "False"
+    assert torch_threads == "1"
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 12])

@@ -96,6 +96,7 @@ def _run_hwlm(
     args: argparse.Namespace, model: str, load_format: str, prompts: list[list[int]]
 ) -> ThroughputResult:
     from hwlm import LLM, SamplingParams
+    from hwlm.presets import TOKENIZER_DIR
 
     llm = LLM(
         model,
@@ -106,6 +107,7 @@ def _run_hwlm(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.input_len_max + args.output_len + 1,
+        tokenizer=str(TOKENIZER_DIR),  # prompts are token ids; a folder built here has none
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(
@@ -138,4 +140,9 @@ def _report(results: list[ThroughputResult], args: argparse.Namespace) -> None:
     print("\n".join(lines))
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=2)
+            settings = {
+                k: v
+                for k, v in vars(args).items()
+                if isinstance(v, str | int | float | bool | None)
+            }
+            json.dump({"args": settings, "results": [asdict(r) for r in results]}, f, indent=2)

@@ -1,21 +1,25 @@
 """Numba kernels for the CPU backend.
 
-Threading layer: numba picks TBB, else OpenMP, else its own workqueue. Here TBB is usually absent
-and numba's OpenMP is the system libgomp, a second OpenMP runtime beside the one torch bundles:
-both pools busy-wait after each parallel region, so alternating torch ops and numba kernels on
-the same cores oversubscribe them (on a shared 2-core machine numba launches went from ~0.05 ms to
-~1 ms), and a process forked after a numba OpenMP launch aborts when it launches one itself. The
-workqueue layer blocks instead of spinning and survives fork; it is not safe for concurrent
-launches, which ``paged_attention`` serialises with a lock. A user's NUMBA_THREADING_LAYER wins,
-and so does any layer already started by earlier numba code in the process.
+Threading layer: OpenMP first. numba's OpenMP layer is loaded after torch, which has put its own
+libgomp in the global symbol scope, so numba's parallel regions run on torch's OpenMP thread pool:
+one pool for the whole process, whose threads are still hot when a kernel follows a torch op. The
+layers with a pool of their own measured slower after torch ops (2 cores, target model: decode
+attention 0.76 ms with OpenMP against 1.7 ms with TBB and 2.0 ms with workqueue, whose launches
+also cost ~0.1 ms each), because the two pools then compete for the same cores. numba's default
+order would prefer TBB where it is installed, hence the explicit priority; NUMBA_THREADING_LAYER
+or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
+
+Limitation (GNU OpenMP, enforced by numba): a process forked after a kernel ran must not run one
+itself; numba terminates it. Start worker processes with "spawn" or "forkserver".
 """
 
 import os
 
 import numba
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+_PRIORITY = ["omp", "tbb", "workqueue"]
+if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    numba.config.THREADING_LAYER_PRIORITY = _PRIORITY  # type: ignore[attr-defined]
 
 from hwlm.kernels.numba.paged_attention import paged_attention, write_kv  # noqa: E402
 

@@ -32,8 +32,8 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two for an exact range reduction
 _LN2_LO = np.float32(-2.12194440e-4)
 
-# numba's workqueue threading layer (see __init__) aborts the process when two threads launch
-# parallel kernels at once, and numba releases the GIL while a parallel kernel runs.
+# numba runs parallel kernels without the GIL: serialise launches from several threads, which
+# would oversubscribe the cores (and abort the process under numba's workqueue layer).
 _launch_lock = threading.Lock()
 
 
@@ -268,7 +268,12 @@ def paged_attention(
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    # numba's threads follow torch's thread count. Starting numba's OpenMP layer (on the first
+    # launch) resets the thread count of the OpenMP pool it shares with torch: put it back.
+    torch_threads = torch.get_num_threads()
+    num_threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     with _launch_lock:
+        numba.set_num_threads(num_threads)
         _attention(
             q.numpy(),
             kv_cache.detach().numpy(),
@@ -276,7 +281,9 @@ def paged_attention(
             metadata.seq_lens.to(torch.int32).contiguous().numpy(),
             metadata.block_tables.to(torch.int32).contiguous().numpy(),
             float(scale),
-            numba.get_num_threads(),  # not called in the kernel: that would make it uncacheable
+            num_threads,
             out.numpy(),
         )
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return out
