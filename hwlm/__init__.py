@@ -1,8 +1,16 @@
 """hwlm: fast LLM serving on whatever hardware is present."""
 
-from hwlm.llm import LLM
-from hwlm.outputs import CompletionOutput, Logprob, RequestOutput
-from hwlm.sampling_params import SamplingParams
+import os as _os
+
+# In a source checkout used without installation, hwlm.backends and hwlm.kernels are the
+# backends/ and kernels/ folders beside hwlm/ (an install maps them through package-dir).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isdir(_os.path.join(_root, "backends")) and _root not in __path__:
+    __path__.append(_root)
+
+from hwlm.llm import LLM  # noqa: E402  (after the path set-up above)
+from hwlm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from hwlm.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
