@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -32,8 +34,8 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two for an exact range reduction
 _LN2_LO = np.float32(-2.12194440e-4)
 
-# numba runs parallel kernels without the GIL: serialise launches from several threads, which
-# would oversubscribe the cores (and abort the process under numba's workqueue layer).
+# numba runs parallel kernels without the GIL: launches from several threads are serialised, as
+# they would oversubscribe the cores (and abort the process under numba's workqueue layer).
 _launch_lock = threading.Lock()
 
 
@@ -214,17 +216,35 @@ def _attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, 
                     out[t0 + r // group, kvh * group + r % group, d] = ac[r, d] * inv
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _write_kv(key, value, kv_rows, slot_mapping):
     for t in range(slot_mapping.shape[0]):
-        slot = slot_mapping[t]
-        if slot >= kv_rows.shape[1]:
+        if slot_mapping[t] >= kv_rows.shape[1]:
             raise ValueError("slot_mapping names a slot outside the cache")
+    for t in prange(slot_mapping.shape[0]):
+        slot = slot_mapping[t]
         if slot >= 0:  # loops, not row slices: those take seconds to compile for strided rows
             for h in range(key.shape[1]):
                 for d in range(key.shape[2]):
                     kv_rows[0, slot, h, d] = key[t, h, d]
                     kv_rows[1, slot, h, d] = value[t, h, d]
+
+
+@contextmanager
+def _parallel_launch() -> Iterator[int]:
+    """Serialise launches; numba's threads follow torch's thread count. Yields that count.
+
+    Starting numba's OpenMP layer (at the first launch) resets the thread count of the OpenMP
+    pool it shares with torch (see __init__), so the count torch had is put back afterwards."""
+    torch_threads = torch.get_num_threads()
+    num_threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    try:
+        with _launch_lock:
+            numba.set_num_threads(num_threads)
+            yield num_threads
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _check_cache(kv_cache: torch.Tensor) -> None:
@@ -247,12 +267,14 @@ def write_kv(
     if key.shape[0] != slot_mapping.shape[0]:
         raise ValueError("slot_mapping needs one slot per token")
     kv_rows = kv_cache.detach().numpy().reshape(2, -1, *kv_cache.shape[3:])
-    _write_kv(
-        key.detach().to(torch.float32).numpy(),
-        value.detach().to(torch.float32).numpy(),
-        kv_rows,
-        slot_mapping.to(torch.int64).contiguous().numpy(),
-    )
+    # Strided key/value rows are read in place: copying them first measured slower.
+    with _parallel_launch():
+        _write_kv(
+            key.detach().to(torch.float32).numpy(),
+            value.detach().to(torch.float32).numpy(),
+            kv_rows,
+            slot_mapping.to(torch.int64).contiguous().numpy(),
+        )
 
 
 def paged_attention(
@@ -268,12 +290,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    # numba's threads follow torch's thread count. Starting numba's OpenMP layer (on the first
-    # launch) resets the thread count of the OpenMP pool it shares with torch: put it back.
-    torch_threads = torch.get_num_threads()
-    num_threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-    with _launch_lock:
-        numba.set_num_threads(num_threads)
+    with _parallel_launch() as num_threads:
         _attention(
             q.numpy(),
             kv_cache.detach().numpy(),
@@ -284,6 +301,4 @@ def paged_attention(
             num_threads,
             out.numpy(),
         )
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
     return out
