@@ -200,6 +200,16 @@ class BlockManager:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached blocks; only when no block is in use (False, and nothing done, if
+        some are), as vLLM's reset_prefix_cache."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        self.hash_to_block.clear()
+        return True
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

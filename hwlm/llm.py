@@ -68,6 +68,10 @@ class LLM:
         )
         self._request_counter = itertools.count()
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block (e.g. between benchmark runs); False while requests run."""
+        return self.engine.block_manager.reset_prefix_cache()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

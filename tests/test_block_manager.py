@@ -143,3 +143,15 @@ def test_allocation_failure_changes_nothing() -> None:
 def test_invalid_sizes_rejected() -> None:
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(num_blocks=4, block_size=0, enable_prefix_caching=True)
+
+
+def test_reset_prefix_cache_only_when_idle() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    a = make_seq(0, [1, 2, 3, 4, 5])
+    assert compute(bm, a)
+    assert not bm.reset_prefix_cache()  # a holds blocks
+    bm.free(a)
+    assert bm.find_cached_prefix(make_seq(1, [1, 2, 3, 4, 9]))[0]
+    assert bm.reset_prefix_cache()
+    assert bm.find_cached_prefix(make_seq(2, [1, 2, 3, 4, 9]))[0] == []
+    bm.check_invariants([])

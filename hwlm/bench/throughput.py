@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time transformers generate and generate_batch",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per engine; the median is reported"
+    )
     parser.add_argument("--output-json", help="write the results here")
 
 
@@ -82,7 +86,12 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
             from hwlm.bench.hf_baselines import run_hf_generate, run_hf_generate_batch
 
             for baseline in (run_hf_generate, run_hf_generate_batch):
-                results.append(_from_baseline(baseline(hf_model, prompts, args.output_len)))
+                runs = [baseline(hf_model, prompts, args.output_len) for _ in range(args.repeats)]
+                logger.info(
+                    "%s runs: %s s", runs[0].name, ", ".join(f"{r.seconds:.2f}" for r in runs)
+                )
+                median = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+                results.append(_from_baseline(median))
     _report(results, args)
     return results
 
@@ -110,12 +119,16 @@ def _run_hwlm(
         tokenizer=str(TOKENIZER_DIR),  # prompts are token ids; a folder built here has none
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(
-        [{"prompt_token_ids": p[:8]} for p in prompts[:2]], params, use_tqdm=False
-    )  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    warm_up = [{"prompt_token_ids": p[:8]} for p in prompts[:2]]
+    llm.generate(warm_up, params, use_tqdm=False)
+    times = []
+    for _ in range(args.repeats):
+        llm.reset_prefix_cache()  # each run starts cold: no prompt is served from a previous run
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    logger.info("hwlm runs: %s s", ", ".join(f"{t:.2f}" for t in times))
+    seconds = statistics.median(times)
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return ThroughputResult("hwlm", seconds, num_tokens / seconds, len(prompts) / seconds)
 
