@@ -9,19 +9,31 @@ from __future__ import annotations
 import nox
 
 TORCH_CPU = "torch==2.13.0"
+TRITON = "triton==3.6.0"  # for the Triton kernels under TRITON_INTERPRET=1 (no GPU needed)
 nox.options.sessions = ["lint", "tests"]
 
 
 def install(session: nox.Session) -> None:
     if session.venv_backend != "none":
-        session.install(TORCH_CPU)
+        session.install(TORCH_CPU, TRITON)
         session.install("-e", ".[dev]")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
+    """The whole suite on the cpu backend, then the conformance suite for the Triton kernels
+    under Triton's CPU interpreter (small shapes)."""
     install(session)
     session.run("pytest", "-q", *session.posargs)
+    session.run(
+        "pytest",
+        "-q",
+        "tests/conformance",
+        "--device",
+        "triton-interpret",
+        "--quick",
+        env={"TRITON_INTERPRET": "1"},
+    )
 
 
 @nox.session

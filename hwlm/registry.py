@@ -17,6 +17,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "cuda": "hwlm.backends.cuda:CUDABackend",
     "rocm": "hwlm.backends.rocm:ROCmBackend",
     "cpu": "hwlm.backends.cpu:CPUBackend",
+    "triton-interpret": "hwlm.backends.triton_interpret:TritonInterpreterBackend",
 }
 
 ENTRY_POINT_GROUP = "hwlm.backends"

@@ -1,0 +1,43 @@
+"""The cuda backend's Triton kernels run on CPU tensors by Triton's interpreter.
+
+For CI without a GPU: ``TRITON_INTERPRET=1 pytest tests/conformance --device triton-interpret
+--quick`` checks the kernels' logic (indexing, masking, online softmax) on any machine. It is slow
+and never chosen by ``--device auto``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hwlm.backend import ProbeResult
+from hwlm.backends.cuda import CUDABackend
+
+
+class TritonInterpreterBackend(CUDABackend):
+    name = "triton-interpret"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = torch.device("cpu")
+        self._num_sms = 4  # the interpreter has no multiprocessors; any count exercises splits
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ProbeResult(
+                False, 0, "set TRITON_INTERPRET=1 to run the Triton kernels on the CPU"
+            )
+        if importlib.util.find_spec("triton") is None:
+            return ProbeResult(False, 0, "triton is not installed")
+        return ProbeResult(
+            True, 1, "Triton kernels under Triton's CPU interpreter (slow; for tests)"
+        )
+
+    def memory_budget(self, memory_utilization: float) -> int:
+        return int(memory_utilization * (512 << 20))
+
+    def synchronize(self) -> None:
+        return None
