@@ -19,7 +19,6 @@ from hwlm.backend import Backend, ProbeResult
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
 
-MIN_BLOCK_SIZE = 1  # the kernel gathers keys page by page: any page size works
 MAX_HEAD_SIZE = 256
 
 
@@ -108,11 +107,6 @@ class CUDABackend(Backend):
             reasons.append(
                 f"num_heads ({model.num_heads}) must be a multiple of num_kv_heads "
                 f"({model.num_kv_heads})"
-            )
-        if engine.block_size < MIN_BLOCK_SIZE:
-            reasons.append(
-                f"{self.name} attention needs block_size >= {MIN_BLOCK_SIZE}, "
-                f"got {engine.block_size}"
             )
         return reasons
 
