@@ -5,7 +5,11 @@ import os as _os
 # In a source checkout used without installation, hwlm.backends and hwlm.kernels are the
 # backends/ and kernels/ folders beside hwlm/ (an install maps them through package-dir).
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isdir(_os.path.join(_root, "backends")) and _root not in __path__:
+_own_layout = all(
+    _os.path.isfile(_os.path.join(_root, *parts))
+    for parts in (("backends", "cpu.py"), ("kernels", "reference.py"), ("pyproject.toml",))
+)
+if _own_layout and _root not in __path__:
     __path__.append(_root)
 
 from hwlm.llm import LLM  # noqa: E402  (after the path set-up above)
