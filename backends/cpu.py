@@ -66,14 +66,10 @@ class CPUBackend(Backend):
         return int(min(memory_utilization * _available_memory(), cap))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        from hwlm.kernels.numba.fused import rms_norm
-
-        return rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+        return self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        from hwlm.kernels.numba.fused import silu_and_mul
-
-        out = silu_and_mul(x.reshape(-1, x.shape[-1]))
+        out = self._kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
     def write_kv(
