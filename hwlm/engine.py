@@ -51,10 +51,6 @@ class LLMEngine:
 
         if args.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {args.block_size}")
-        if args.load_format not in ("auto", "dummy", "safetensors", "pt"):
-            raise ValueError(
-                f"load_format must be 'auto', 'safetensors', 'pt' or 'dummy', got {args.load_format!r}"
-            )
         torch.manual_seed(args.seed)
         resolved = resolve_model(args.model, args.load_format)
         self.model_config = ModelConfig.from_hf_dict(resolved.hf_config)
