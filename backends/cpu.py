@@ -6,6 +6,7 @@ probing devices stays cheap.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 
@@ -13,6 +14,8 @@ import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, ProbeResult
+
+logger = logging.getLogger(__name__)
 
 
 def _cpu_name() -> str:
@@ -64,6 +67,12 @@ class CPUBackend(Backend):
         with everything else, so it does not take all of it by default."""
         cap = float(os.environ.get("HWLM_CPU_KVCACHE_SPACE", "4")) * 2**30
         return int(min(memory_utilization * _available_memory(), cap))
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        from hwlm.backends.cpu_linear import pack_linear_layers
+
+        packed = pack_linear_layers(model)
+        logger.info("cpu: %d dense layers repacked for oneDNN", packed)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)

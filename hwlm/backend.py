@@ -10,6 +10,8 @@ A backend is a class (one instance per device) with a handful of members:
   num_kv_heads, head_size]`` (see ``hwlm.attention``).
 - ``write_kv``, ``attention``, ``copy_blocks``: the paged-attention operations.
 - ``rms_norm`` and ``silu_and_mul``: optional fused ops; the defaults here are portable torch.
+- ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
+  hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
 
 A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
 hwlm refuses one built for another version.
@@ -106,6 +108,11 @@ class Backend(ABC):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Called once with the loaded model, before the first forward; the default keeps torch's
+        own dense layers."""
+        return None
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on synchronous devices."""

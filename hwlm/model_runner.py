@@ -37,6 +37,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = Sampler()
+        backend.prepare_model(model)
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that got a new token and what was sampled."""

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backends.cpu import CPUBackend
@@ -215,3 +217,58 @@ def test_probe_and_memory_budget(backend, monkeypatch):
     assert large == pytest.approx(4 * small, rel=0.05)  # MemAvailable may move a little
     monkeypatch.setenv("HWLM_CPU_KVCACHE_SPACE", "0.5")
     assert backend.memory_budget(0.8) == min(large, 2**29)
+
+
+def _tiny_llama(tie: bool) -> Any:
+    from hwlm.config import ModelConfig
+    from hwlm.models import build_model
+
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 97,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie,
+    }
+    model = build_model(ModelConfig.from_hf_dict(hf), CPUBackend(), torch.float32)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_prepare_model_packs_every_dense_layer_and_keeps_the_products(tie):
+    from hwlm.models.layers import Linear
+
+    model = _tiny_llama(tie)
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
+    inputs = [torch.randn(7, m.weight.shape[1]) for m in linears]
+    want = [F.linear(x, m.weight, m.bias) for x, m in zip(inputs, linears, strict=True)]
+    x = torch.randn(7, 32)
+    want_logits = model.compute_logits(x)
+    CPUBackend().prepare_model(model)
+    assert all(m.kernel is not None for m in linears) and model.logits_kernel is not None
+    for m, x_m, expected in zip(linears, inputs, want, strict=True):
+        assert m.weight.numel() == 0  # the packed copy replaced it
+        torch.testing.assert_close(m(x_m), expected)
+    torch.testing.assert_close(model.compute_logits(x), want_logits)
+    if tie:  # the embedding still needs its table
+        assert model.lm_head.weight.numel() == 97 * 32
+
+
+def test_onednn_can_be_switched_off(monkeypatch):
+    from hwlm.backends import cpu_linear
+
+    cpu_linear.onednn_usable.cache_clear()
+    monkeypatch.setenv("HWLM_CPU_ONEDNN", "0")
+    model = _tiny_llama(False)
+    CPUBackend().prepare_model(model)
+    assert model.logits_kernel is None
+    assert all(getattr(m, "kernel", None) is None for m in model.modules())
+    cpu_linear.onednn_usable.cache_clear()

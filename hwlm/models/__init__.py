@@ -11,7 +11,7 @@ from torch import nn
 from hwlm.attention import ForwardContext
 from hwlm.backend import Backend
 from hwlm.config import ModelConfig
-from hwlm.models.layers import Linear
+from hwlm.models.layers import Embedding, Linear, LinearKernel
 
 
 class CausalLM(nn.Module):
@@ -34,9 +34,15 @@ class CausalLM(nn.Module):
         Returns hidden states [num_tokens, hidden]."""
         raise NotImplementedError
 
+    lm_head: Linear | Embedding
+    # Set by a backend's prepare_model: the LM-head product from repacked weights.
+    logits_kernel: LinearKernel | None = None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab_size]."""
-        raise NotImplementedError
+        if self.logits_kernel is not None:
+            return self.logits_kernel(hidden).float()
+        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, converting dtype.

@@ -6,6 +6,8 @@ target dtype, on whatever device is current (``build_model`` sets the backend's)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,9 +20,15 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+LinearKernel = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Linear(nn.Module):
     """``y = x W^T + b``. With several ``output_sizes`` it is a fusion of that many checkpoint
-    projections stacked along the output dimension (qkv, gate/up): the loader fills each shard."""
+    projections stacked along the output dimension (qkv, gate/up): the loader fills each shard.
+
+    A backend's ``prepare_model`` may set ``kernel``: a callable computing the same product from
+    weights it has repacked (the CPU backend's oneDNN layout), used instead of ``F.linear``."""
 
     def __init__(
         self, in_features: int, output_sizes: int | list[int], bias: bool, dtype: torch.dtype
@@ -30,8 +38,11 @@ class Linear(nn.Module):
         out_features = sum(self.output_sizes)
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.kernel: LinearKernel | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -143,9 +143,6 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
-
 
 def _warn_sliding_window(config: ModelConfig) -> None:
     hf = config.hf

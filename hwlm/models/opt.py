@@ -131,4 +131,4 @@ class OPTForCausalLM(CausalLM):
         project_out = self.model.decoder.project_out
         if project_out is not None:
             hidden = project_out(hidden)
-        return F.linear(hidden, self.lm_head.weight).float()
+        return super().compute_logits(hidden)

@@ -1,0 +1,78 @@
+"""Dense layers for the CPU backend: weights repacked once into oneDNN's blocked layout.
+
+torch's default CPU ``F.linear`` goes through a BLAS sgemm that repacks the weight on every call
+and, on some CPUs (AMD EPYC measured), picks a slow code path. oneDNN's linear with a weight
+reordered ahead of time runs the same float32 products 2-3x faster on the 2-core development
+machine, from 8-row decode batches (225 vs 61 GFLOP/s) to 5,000-row prefills (330 vs 164).
+
+The reordered weight replaces the layer's own copy, so memory does not double. Set
+HWLM_CPU_ONEDNN=0 to keep torch's default path (for comparison).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class PackedLinear:
+    """``x W^T + b`` from a oneDNN-reordered ``W``; accepts any leading shape."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@cache
+def onednn_usable(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU run a packed oneDNN linear in ``dtype``, and it agrees
+    with ``F.linear`` on a small product (checked once per dtype)."""
+    if os.environ.get("HWLM_CPU_ONEDNN", "1") == "0":
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(48, 40, generator=gen).to(dtype)
+        x = torch.randn(5, 40, generator=gen).to(dtype)
+        got = PackedLinear(weight, None)(x).float()
+        want = torch.nn.functional.linear(x.float(), weight.float())
+    except (RuntimeError, AttributeError) as err:  # no mkldnn ops in this build or on this CPU
+        logger.info("oneDNN linear unavailable (%s); using torch's default", err)
+        return False
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance))
+
+
+def pack_linear_layers(model: nn.Module) -> int:
+    """Give every ``Linear`` of ``model`` (and its LM head) a packed kernel; returns how many."""
+    from hwlm.models import CausalLM
+    from hwlm.models.layers import Linear
+
+    lm_head = getattr(model, "lm_head", None)
+    count = 0
+    for module in model.modules():
+        if module is lm_head or not isinstance(module, Linear):
+            continue
+        if onednn_usable(module.weight.dtype):
+            module.kernel = PackedLinear(module.weight, module.bias)
+            _release(module.weight)
+            count += 1
+    if isinstance(model, CausalLM) and onednn_usable(model.lm_head.weight.dtype):
+        model.logits_kernel = PackedLinear(model.lm_head.weight, None)
+        if isinstance(model.lm_head, Linear):
+            _release(model.lm_head.weight)
+        count += 1
+    return count
+
+
+def _release(weight: torch.Tensor) -> None:
+    """Free a weight whose only user is now the packed kernel."""
+    weight.data = torch.empty(0, dtype=weight.dtype)
