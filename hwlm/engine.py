@@ -262,7 +262,7 @@ class LLMEngine:
             if token in seq.eos_token_ids:
                 seq.finish_reason = "stop"
                 return True
-            if token in params.stop_token_ids:
+            if token in (params.stop_token_ids or ()):
                 seq.finish_reason, seq.stop_reason = "stop", token
                 return True
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:

@@ -82,7 +82,7 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) ->
     cols: list[int] = []
     for i, seq in enumerate(seqs):
         if seq.num_output_tokens < seq.params.min_tokens:
-            stops = [*seq.eos_token_ids, *seq.params.stop_token_ids]
+            stops = [*seq.eos_token_ids, *(seq.params.stop_token_ids or ())]
             rows.extend([i] * len(stops))
             cols.extend(stops)
     if not rows:

@@ -155,7 +155,7 @@ def test_unknown_device() -> None:
         ("top_k", -5, "top_k"),
         ("max_tokens", 0, "max_tokens"),
         ("min_p", 1.5, "min_p"),
-        ("logprobs", -1, "logprobs"),
+        ("logprobs", -2, "logprobs"),  # -1 means the whole vocabulary, as in vLLM
     ],
 )
 def test_sampling_params_out_of_range(field: str, value: float, match: str) -> None:
