@@ -145,6 +145,7 @@ class EngineConfig:
     memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     seed: int = 0
+    enforce_eager: bool = False  # True: no CUDA graphs (every step runs the model eagerly)
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")

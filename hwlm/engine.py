@@ -43,6 +43,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     load_format: str = "auto"
     tokenizer: str | None = None
+    enforce_eager: bool = False
 
 
 class LLMEngine:
@@ -82,7 +83,7 @@ class LLMEngine:
             num_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.runner = ModelRunner(model, self.backend, kv_caches, self.config.block_size)
+        self.runner = ModelRunner(model, self.backend, kv_caches, self.config)
         self.eos_token_ids = self._eos_token_ids()
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
@@ -107,6 +108,7 @@ class LLMEngine:
             memory_utilization=args.memory_utilization,
             num_kv_blocks=args.num_kv_blocks,
             seed=args.seed,
+            enforce_eager=args.enforce_eager,
         )
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:

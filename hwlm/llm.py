@@ -44,6 +44,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         load_format: str = "auto",
         tokenizer: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         if memory_utilization is not None and gpu_memory_utilization is not None:
             if memory_utilization != gpu_memory_utilization:
@@ -64,6 +65,7 @@ class LLM:
                 num_kv_blocks=num_kv_blocks,
                 load_format=load_format,
                 tokenizer=tokenizer,
+                enforce_eager=enforce_eager,
             )
         )
         self._request_counter = itertools.count()
