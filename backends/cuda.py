@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hwlm.attention import AttentionMetadata
-from hwlm.backend import Backend, ProbeResult
+from hwlm.backend import Backend, DecodeRunner, ProbeResult
 
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
@@ -139,6 +139,17 @@ class CUDABackend(Backend):
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
+
+    def capture_decode(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> DecodeRunner | None:
+        from hwlm.backends.cuda_graphs import DecodeGraphs
+
+        return DecodeGraphs(model, self, kv_caches, max_num_seqs, max_model_len).capture()
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -12,6 +12,8 @@ A backend is a class (one instance per device) with a handful of members:
 - ``rms_norm`` and ``silu_and_mul``: optional fused ops; the defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
+- ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
+  eager execution (the cuda backend's CUDA graphs), or None.
 
 A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
 hwlm refuses one built for another version.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
@@ -30,6 +32,20 @@ if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
 
 INTERFACE_VERSION = 1
+
+
+class DecodeRunner(Protocol):
+    """Runs the model's forward for steps of one query token per sequence (decode)."""
+
+    def fits(self, num_seqs: int) -> bool:
+        """Whether a decode step of ``num_seqs`` sequences can run here."""
+        ...
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The model's hidden states ``[num_seqs, hidden]``, as ``model(...)`` would return."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,17 @@ class Backend(ABC):
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before the first forward; the default keeps torch's
         own dense layers."""
+        return None
+
+    def capture_decode(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> DecodeRunner | None:
+        """A faster path for decode steps of up to ``max_num_seqs`` sequences, or None (the
+        default: every step runs the model eagerly)."""
         return None
 
     def synchronize(self) -> None:

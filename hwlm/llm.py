@@ -24,7 +24,8 @@ class LLM:
     ``model`` is a local Hugging Face folder, a hub id (the HF cache and HF_HUB_OFFLINE are
     honoured) or a preset name (``hwlm-tiny``, ``qwen2.5-0.5b``, ... with ``load_format="dummy"``).
     ``num_kv_blocks`` fixes the KV cache size exactly, overriding ``memory_utilization``
-    (``gpu_memory_utilization`` is accepted as another name for it).
+    (``gpu_memory_utilization`` is accepted as another name for it). ``enforce_eager=True``
+    turns off CUDA graphs (decode steps then run the model eagerly, as prefills do).
     """
 
     def __init__(

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from hwlm.attention import AttentionMetadata, ForwardContext
-from hwlm.backend import Backend
+from hwlm.backend import Backend, DecodeRunner
+from hwlm.config import EngineConfig
 from hwlm.models import CausalLM
 from hwlm.sampler import Sampler, SamplerOutput
 from hwlm.scheduler import ScheduledBatch
@@ -30,14 +31,23 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, backend: Backend, kv_caches: list[torch.Tensor], block_size: int
+        self,
+        model: CausalLM,
+        backend: Backend,
+        kv_caches: list[torch.Tensor],
+        config: EngineConfig,
     ) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.block_size = config.block_size
         self.sampler = Sampler()
         backend.prepare_model(model)
+        self.decode_runner: DecodeRunner | None = None
+        if not config.enforce_eager:
+            self.decode_runner = backend.capture_decode(
+                model, kv_caches, config.max_num_seqs, config.max_model_len
+            )
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that got a new token and what was sampled."""
@@ -45,12 +55,19 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_caches, batch.copies)
         inputs = self.prepare(batch)
         with torch.inference_mode():
-            ctx = ForwardContext(self.backend, self.kv_caches, inputs.metadata)
-            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+            hidden = self._forward(inputs)
             if not inputs.sample_seqs:
                 return [], None
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             return inputs.sample_seqs, self.sampler(logits, inputs.sample_seqs)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        metadata = inputs.metadata
+        runner = self.decode_runner
+        if runner is not None and metadata.max_query_len == 1 and runner.fits(metadata.num_seqs):
+            return runner.run(inputs.input_ids, inputs.positions, metadata)
+        ctx = ForwardContext(self.backend, self.kv_caches, metadata)
+        return self.model(inputs.input_ids, inputs.positions, ctx)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size

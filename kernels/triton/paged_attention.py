@@ -37,8 +37,10 @@ Launch parameters (``choose_launch``), from a sweep on one H100 (bf16, head size
 - ``num_warps`` counts 32-thread NVIDIA warps; with ``warp_size=64`` (AMD wavefronts) it is
   halved so that a program keeps the same number of threads.
 - split-KV: only when ``max_query_len == 1``, the grid would fill fewer than two programs per
-  multiprocessor and the longest context spans at least 8 key tiles; splits cover at least
-  4 tiles each, at most 64 splits (1 x 32k context: ~2.45 TB/s instead of 8 programs).
+  multiprocessor and the longest context spans at least 8 key tiles; at most 64 splits, and at
+  least 4 tiles per split of the longest context (1 x 32k context: ~2.45 TB/s instead of 8
+  programs). Each sequence's own context is cut evenly (in whole tiles) among the splits, so the
+  launch does not depend on the context lengths: a captured decode graph stays valid.
 """
 
 from __future__ import annotations
@@ -209,7 +211,6 @@ def _attention_kernel(
     stride_kv,
     num_heads,
     num_splits,
-    split_len,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -251,7 +252,8 @@ def _attention_kernel(
     last_q = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
     hi = first_pos + last_q + 1
     lo = 0
-    if SPLIT:
+    if SPLIT:  # each sequence's own context is cut into num_splits whole-tile pieces
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         lo = split * split_len
         hi = tl.minimum(hi, lo + split_len)
 
@@ -378,10 +380,6 @@ def paged_attention(
     assert launch.block_m >= max(16, group_pad), "block_m must hold one token's group heads"
     block_q = launch.block_m // group_pad
     num_splits = launch.num_splits
-    split_len = triton.cdiv(triton.cdiv(metadata.max_seq_len, num_splits), launch.block_n)
-    split_len *= launch.block_n
-    if num_splits > 1:
-        num_splits = triton.cdiv(metadata.max_seq_len, split_len)  # drop splits past the end
     split = num_splits > 1
     if split:
         parts = (num_tokens, num_heads, num_splits)
@@ -416,7 +414,6 @@ def paged_attention(
         kv_cache.stride(0),
         num_heads,
         num_splits,
-        split_len,
         BLOCK_SIZE=block_size,
         HEAD_SIZE=head_size,
         HEAD_PAD=head_pad,
