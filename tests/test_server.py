@@ -58,8 +58,19 @@ class FakeEngine:
         self.requests: dict[str, tuple[list[int], bool]] = {}
         self.steps = 0
         self.aborted: list[str] = []
-        self.scheduler = type("Scheduler", (), {"running": [], "waiting": []})()
-        self.block_manager = type("Blocks", (), {"num_free_blocks": 4, "num_blocks": 4})()
+        self.scheduler = type(
+            "Scheduler", (), {"running": [], "waiting": [], "num_preemptions": 0}
+        )()
+        self.block_manager = type(
+            "Blocks",
+            (),
+            {
+                "num_free_blocks": 4,
+                "num_blocks": 4,
+                "prefix_query_tokens": 0,
+                "prefix_hit_tokens": 0,
+            },
+        )()
 
     def add_request(
         self, request_id: str, prompt: Any, params: SamplingParams, stream: bool = False

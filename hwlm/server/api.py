@@ -1,6 +1,7 @@
 """The FastAPI application: OpenAI-compatible routes over an AsyncLLMEngine.
 
-GET /health, GET /version, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+GET /health, GET /version, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions.
 Every error is an OpenAI error body (see ``hwlm.server.errors``); with an API key configured the
 /v1 routes need ``Authorization: Bearer <key>``.
 """
@@ -10,12 +11,16 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import hwlm
-from hwlm.server.async_engine import AsyncLLMEngine
+from hwlm.server.admission import ServerLimits, check_capacity, check_request
+from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
 from hwlm.server.auth import APIKeyMiddleware
+from hwlm.server.body_limit import BodySizeLimitMiddleware
+from hwlm.server.cors import CORSSettings, install_cors
 from hwlm.server.errors import APIError, install_error_handlers
+from hwlm.server.prometheus import CONTENT_TYPE, render_metrics
 from hwlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from hwlm.server.serving_chat import create_chat_completion
 from hwlm.server.serving_completion import create_completion
@@ -23,14 +28,30 @@ from hwlm.server.serving_completion import create_completion
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None) -> FastAPI:
-    """The app; it does not own ``engine`` (whoever built the engine shuts it down)."""
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    api_key: str | None,
+    limits: ServerLimits | None = None,
+    cors: CORSSettings | None = None,
+) -> FastAPI:
+    """The app; it does not own ``engine`` (whoever built the engine shuts it down). Setting
+    ``app.state.draining`` makes new /v1 generation requests fail with 503 (shutdown)."""
     app = FastAPI(title="hwlm OpenAI-compatible server", version=hwlm.__version__)
     install_error_handlers(app)
+    limits = limits or ServerLimits()
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_request_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    install_cors(app, cors)  # outermost: preflights and error responses get CORS headers too
     app.state.engine = engine
     app.state.served_model_name = served_model_name
+    app.state.limits = limits
+    app.state.draining = False
+
+    def admit(request: CompletionRequest | ChatCompletionRequest) -> None:
+        check_request(request, limits)
+        check_capacity(engine.num_waiting_requests(), limits, app.state.draining)
 
     @app.get("/health")
     async def health() -> Response:
@@ -42,6 +63,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     async def version() -> JSONResponse:
         return JSONResponse({"version": hwlm.__version__})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            stats = await engine.get_stats()
+        except EngineDeadError:  # still report the counters; nothing is running
+            stats = EngineStats(0, 0, 0, 0, 0)
+        text = render_metrics(stats, engine.metrics.snapshot(), served_model_name)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = ModelCard(id=served_model_name, max_model_len=engine.max_model_len)
@@ -49,10 +79,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:
+        admit(request)
         return await create_completion(engine, served_model_name, request, raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        admit(request)
         return await create_chat_completion(engine, served_model_name, request, raw)
 
     return app

@@ -27,6 +27,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
+from hwlm.server.metrics import ServingMetrics, finish_reason
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class EngineStats:
     num_free_blocks: int
     num_blocks: int
     num_streams: int  # requests the async layer is still tracking
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which were found there
+    num_preemptions: int = 0
 
 
 # Commands for the engine thread ----------------------------------------------------------------
@@ -65,6 +71,7 @@ class _Add:
     prompt: PromptType
     params: SamplingParams
     stream_outputs: bool
+    arrival: float
 
 
 @dataclass
@@ -171,6 +178,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._error: EngineDeadError | None = None
         self._stopping = False
+        self.metrics = ServingMetrics()  # fed on the engine thread, read anywhere
         self._thread = threading.Thread(target=self._run, name="hwlm-engine", daemon=True)
         self._thread.start()
 
@@ -198,7 +206,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = request_stream
-        self._post(_Add(request_stream, prompt, params, stream))
+        self._post(_Add(request_stream, prompt, params, stream, time.monotonic()))
         try:
             await request_stream.wait_accepted()
         except BaseException:
@@ -238,12 +246,17 @@ class AsyncLLMEngine:
 
     async def get_stats(self) -> EngineStats:
         def snapshot(e: Any) -> EngineStats:
+            blocks = e.block_manager
             return EngineStats(
-                num_running=len(e.scheduler.running),
-                num_waiting=len(e.scheduler.waiting),
-                num_free_blocks=e.block_manager.num_free_blocks,
-                num_blocks=e.block_manager.num_blocks,
+                num_running=len({s.request_id for s in e.scheduler.running}),
+                num_waiting=len({s.request_id for s in e.scheduler.waiting}),
+                num_free_blocks=blocks.num_free_blocks,
+                num_blocks=blocks.num_blocks,
                 num_streams=len(self._streams),
+                kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
+                prefix_cache_queries=blocks.prefix_query_tokens,
+                prefix_cache_hits=blocks.prefix_hit_tokens,
+                num_preemptions=e.scheduler.num_preemptions,
             )
 
         return await self._call(snapshot)
@@ -289,7 +302,9 @@ class AsyncLLMEngine:
                 if self._stopping:
                     break
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    outputs = self.engine.step()
+                    self._record(outputs)
+                    self._dispatch(outputs)
                 else:
                     self._wakeup.wait()
         except BaseException as exc:
@@ -310,6 +325,7 @@ class AsyncLLMEngine:
                 self._handle_add(command)
             elif isinstance(command, _Abort):
                 self.engine.abort_request(command.request_id)
+                self.metrics.on_aborted(command.request_id)
             else:
                 try:
                     command.future.set_result(command.fn(self.engine))
@@ -330,7 +346,27 @@ class AsyncLLMEngine:
                 self._streams.pop(request_id, None)
             command.stream.put(exc)
             return
+        self.metrics.on_added(request_id, command.arrival)
         command.stream.put(_ACCEPTED)
+
+    def _record(self, outputs: list[RequestOutput]) -> None:
+        """Feed the metrics after a step: every running request's output-token count (streamed
+        or not), then the requests that finished in it."""
+        now = time.monotonic()
+        counts: dict[str, list[int]] = {}  # request id -> [output tokens, prompt tokens]
+        for seq in self.engine.scheduler.running:
+            entry = counts.setdefault(seq.request_id, [0, seq.num_prompt_tokens])
+            entry[0] += seq.num_output_tokens
+        for output in outputs:
+            if output.finished:
+                num_output = sum(len(c.token_ids) for c in output.outputs)
+                counts[output.request_id] = [num_output, len(output.prompt_token_ids)]
+        for request_id, (num_output, num_prompt) in counts.items():
+            self.metrics.on_tokens(request_id, num_output, num_prompt, now)
+        for output in outputs:
+            if output.finished:
+                reason = finish_reason([c.finish_reason for c in output.outputs])
+                self.metrics.on_finished(output.request_id, reason, now)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
