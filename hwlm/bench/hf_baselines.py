@@ -4,7 +4,8 @@ Two baselines run on the same model and prompts as hwlm, greedy, with EOS disabl
 request produces exactly ``output_len`` tokens (hwlm's ``ignore_eos=True``: EOS may be emitted but
 never stops a request, and it is never masked out):
 
-* ``hf_generate``: ``model.generate`` on one left-padded batch of all prompts, with an attention mask;
+* ``hf_generate``: ``model.generate`` on left-padded batches (all prompts in one, or
+  ``batch_size`` at a time), with an attention mask;
 * ``hf_generate_batch``: transformers' continuous batching, ``model.generate_batch``.
 
 transformers is imported lazily, inside the functions, so importing hwlm does not load it.
@@ -90,14 +91,30 @@ def _generate_padded(
     model: PreTrainedModel, prompts: list[list[int]], output_len: int
 ) -> list[list[int]]:
     width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[_PAD_ID] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = model.device
+    input_ids = torch.tensor([[_PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
+    )
     config = _greedy_config(output_len, min_new_tokens=output_len)
     with torch.inference_mode():
         out = model.generate(  # type: ignore[operator]  # mypy sees nn.Module.__getattr__
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config
         )
     return out[:, width:].tolist()
+
+
+def _generate_in_batches(batch_size: int | None) -> Callable[..., list[list[int]]]:
+    def generate(
+        model: PreTrainedModel, prompts: list[list[int]], output_len: int
+    ) -> list[list[int]]:
+        size = batch_size or len(prompts)
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompts), size):
+            outputs += _generate_padded(model, prompts[start : start + size], output_len)
+        return outputs
+
+    return generate
 
 
 def _generate_continuous(
@@ -159,11 +176,17 @@ def _timed_run(
 
 
 def run_hf_generate(
-    model: PreTrainedModel, prompts: list[list[int]], output_len: int
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    output_len: int,
+    batch_size: int | None = None,
 ) -> BaselineResult:
-    """``model.generate`` on one left-padded batch of all prompts (greedy, exactly ``output_len``
-    new tokens each, the model's attention implementation, sdpa by default)."""
-    return _timed_run("hf_generate", _generate_padded, model, prompts, output_len)
+    """``model.generate`` on left-padded batches of ``batch_size`` prompts (default: all in one),
+    greedy, exactly ``output_len`` new tokens each, the model's attention implementation (sdpa
+    by default)."""
+    name = "hf_generate" if batch_size is None else f"hf_generate (batches of {batch_size})"
+    generate = _generate_in_batches(batch_size)
+    return _timed_run(name, generate, model, prompts, output_len)
 
 
 def run_hf_generate_batch(

@@ -12,7 +12,12 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
 
 from hwlm.bench.hf_baselines import BaselineResult, make_prompts
 
@@ -22,6 +27,32 @@ logger = logging.getLogger(__name__)
 WORKLOADS: dict[str, dict] = {
     "c1": dict(
         model="c1-llama", num_prompts=32, input_len_min=32, input_len_max=256, output_len=64
+    ),
+    "g1": dict(
+        model="llama-3-8b",
+        num_prompts=1000,
+        input_len_min=256,
+        input_len_max=256,
+        output_len=256,
+        temperature=1.0,
+    ),
+    "g2": dict(
+        model="qwen3-0.6b",
+        num_prompts=256,
+        input_len_min=100,
+        input_len_max=1024,
+        output_len_min=100,
+        output_len=1024,
+        temperature=0.6,
+    ),
+    "g3": dict(
+        model="qwen2.5-0.5b",
+        num_prompts=256,
+        input_len_min=100,
+        input_len_max=1024,
+        output_len=256,
+        hf_batch_size=64,
+        hf_baselines="generate",
     ),
 }
 
@@ -44,7 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len-min", type=int, default=32)
     parser.add_argument("--input-len-max", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--output-len", type=int, default=64, help="output tokens per request (the maximum)"
+    )
+    parser.add_argument(
+        "--output-len-min",
+        type=int,
+        default=None,
+        help="draw each request's output length uniformly from [this, --output-len] (seeded)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -52,6 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-hf",
         action="store_true",
         help="also time transformers generate and generate_batch",
+    )
+    parser.add_argument(
+        "--hf-baselines",
+        default="generate,generate_batch",
+        help="with --compare-hf: which transformers paths to time (comma-separated)",
+    )
+    parser.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="with --compare-hf: generate in padded batches of this many (default: one batch)",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed runs per engine; the median is reported"
@@ -71,10 +123,7 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
     with tempfile.TemporaryDirectory(prefix="hwlm-bench-") as folder:
         hf_model = None
         if args.compare_hf:
-            if preset is None:
-                raise ValueError(
-                    "--compare-hf needs a preset model name (its weights are built here)"
-                )
+            preset = _check_hf_comparable(args, preset)
             from hwlm.bench.hf_baselines import build_hf_model
 
             hf_model = build_hf_model(preset, folder, seed=args.seed)
@@ -83,9 +132,8 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
             model, load_format = args.model, ("dummy" if preset is not None else "auto")
         results.append(_run_hwlm(args, model, load_format, prompts))
         if hf_model is not None:
-            from hwlm.bench.hf_baselines import run_hf_generate, run_hf_generate_batch
-
-            for baseline in (run_hf_generate, run_hf_generate_batch):
+            hf_model = _on_bench_device(hf_model, args.device, args.dtype)
+            for baseline in _hf_baselines(args):
                 runs = [baseline(hf_model, prompts, args.output_len) for _ in range(args.repeats)]
                 logger.info(
                     "%s runs: %s s", runs[0].name, ", ".join(f"{r.seconds:.2f}" for r in runs)
@@ -94,6 +142,49 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
                 results.append(_from_baseline(median))
     _report(results, args)
     return results
+
+
+def _check_hf_comparable(args: argparse.Namespace, preset: dict | None) -> dict:
+    if preset is None:
+        raise ValueError("--compare-hf needs a preset model name (its weights are built here)")
+    if args.output_len_min is not None or args.temperature != 0.0:
+        raise ValueError("--compare-hf needs fixed output lengths and greedy sampling")
+    return preset
+
+
+def _hf_baselines(args: argparse.Namespace) -> list[Callable[..., BaselineResult]]:
+    from hwlm.bench.hf_baselines import run_hf_generate, run_hf_generate_batch
+
+    known: dict[str, Callable[..., BaselineResult]] = {
+        "generate": partial(run_hf_generate, batch_size=args.hf_batch_size),
+        "generate_batch": run_hf_generate_batch,
+    }
+    names = [n.strip() for n in args.hf_baselines.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"--hf-baselines: unknown {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def _on_bench_device(hf_model: Any, device: str, dtype: str) -> Any:
+    """The transformers model on the GPU and in hwlm's dtype there (bf16 for "auto")."""
+    import torch
+
+    from hwlm.registry import select_backend
+
+    if select_backend(device).name not in ("cuda", "rocm"):
+        return hf_model
+    want = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
+    return hf_model.to(device="cuda", dtype=want)
+
+
+def _output_lens(args: argparse.Namespace) -> list[int]:
+    """Each request's output length: fixed, or uniform in [min, max] from a seeded draw."""
+    if args.output_len_min is None:
+        return [args.output_len] * args.num_prompts
+    rng = np.random.default_rng(args.seed + 1)
+    lens = rng.integers(args.output_len_min, args.output_len + 1, size=args.num_prompts)
+    return [int(n) for n in lens]
 
 
 def _prompts(args: argparse.Namespace, preset: dict | None) -> list[list[int]]:
@@ -117,10 +208,14 @@ def _run_hwlm(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.input_len_max + args.output_len + 1,
         tokenizer=str(TOKENIZER_DIR),  # prompts are token ids; a folder built here has none
+        enforce_eager=args.enforce_eager,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = [
+        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
+        for n in _output_lens(args)
+    ]
     warm_up = [{"prompt_token_ids": p[:8]} for p in prompts[:2]]
-    llm.generate(warm_up, params, use_tqdm=False)
+    llm.generate(warm_up, params[:2], use_tqdm=False)
     times = []
     for _ in range(args.repeats):
         llm.reset_prefix_cache()  # each run starts cold: no prompt is served from a previous run
