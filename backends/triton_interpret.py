@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hwlm.backend import ProbeResult
+from hwlm.backend import DecodeRunner, ProbeResult
 from hwlm.backends.cuda import CUDABackend
 
 
@@ -38,6 +38,15 @@ class TritonInterpreterBackend(CUDABackend):
 
     def memory_budget(self, memory_utilization: float) -> int:
         return int(memory_utilization * (512 << 20))
+
+    def capture_decode(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> DecodeRunner | None:
+        return None  # CUDA graphs need a GPU; every step runs eagerly
 
     def synchronize(self) -> None:
         return None

@@ -47,6 +47,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped (a failed step, or shutdown); no request can run."""
 
 
+class RequestFailedError(RuntimeError):
+    """Processing one request failed (say, detokenizing its output); the others run on."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A consistent snapshot of the engine's load, taken on the engine thread."""
@@ -176,6 +180,9 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # guards _streams and _error
         self._streams: dict[str, RequestStream] = {}
+        self._num_running = 0  # requests the scheduler runs, as of the last step
+        if hasattr(engine, "isolate_request_errors"):
+            engine.isolate_request_errors = True  # one request's failure fails only that one
         self._error: EngineDeadError | None = None
         self._stopping = False
         self.metrics = ServingMetrics()  # fed on the engine thread, read anywhere
@@ -186,6 +193,11 @@ class AsyncLLMEngine:
 
     def is_healthy(self) -> bool:
         return self._error is None
+
+    def num_waiting_requests(self) -> int:
+        """Requests accepted (or on their way in) that the scheduler has not started: a cheap,
+        lock-free estimate for admission control, refreshed after every step."""
+        return max(0, len(self._streams) - self._num_running)
 
     async def add_request(
         self,
@@ -369,6 +381,10 @@ class AsyncLLMEngine:
                 self.metrics.on_finished(output.request_id, reason, now)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        self._num_running = len({s.request_id for s in self.engine.scheduler.running})
+        take_failed = getattr(self.engine, "take_failed_requests", None)
+        for request_id, exc in take_failed() if take_failed is not None else []:
+            self._fail_request(request_id, exc)
         for output in outputs:
             with self._lock:
                 if output.finished:
@@ -376,7 +392,21 @@ class AsyncLLMEngine:
                 else:
                     request_stream = self._streams.get(output.request_id)
             if request_stream is not None:
-                request_stream.put(self._detach(output))
+                try:
+                    request_stream.put(self._detach(output))
+                except Exception as exc:
+                    logger.exception("request %s failed in output processing", output.request_id)
+                    self.engine.abort_request(output.request_id)
+                    self._fail_request(output.request_id, exc, stream=request_stream)
+
+    def _fail_request(
+        self, request_id: str, exc: BaseException, stream: RequestStream | None = None
+    ) -> None:
+        """Fail one request's stream with RequestFailedError; the engine has dropped it."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None) or stream
+        if stream is not None:
+            stream.put(RequestFailedError(f"request {request_id} failed: {exc!r}"))
 
     def _detach(self, output: RequestOutput) -> RequestOutput:
         """Make ``output`` safe to read on another thread: copy the logprob lists the engine
