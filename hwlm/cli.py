@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput_module.add_arguments(throughput)
     throughput.set_defaults(func=lambda a: throughput_module.run(a))
+    serve_bench = bench_sub.add_parser(
+        "serve", help="load-test a running server: TTFT, inter-token latency, tok/s"
+    )
+    from hwlm.bench import serve as serve_bench_module
+
+    serve_bench_module.add_arguments(serve_bench)
+    serve_bench.set_defaults(func=lambda a: serve_bench_module.run(a))
     return parser
 
 

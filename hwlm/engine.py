@@ -87,6 +87,10 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
+        # Off: an exception while processing a request's output ends the step (LLM.generate).
+        # On (AsyncLLMEngine): only that request is dropped; take_failed_requests() reports it.
+        self.isolate_request_errors = False
+        self._failed: list[tuple[str, Exception]] = []
 
     # Set-up -----------------------------------------------------------------------------------
 
@@ -222,32 +226,65 @@ class LLMEngine:
         if sampled is None:
             return []
         finished = self._append_tokens(sampled_seqs, sampled)
-        outputs = [self._request_output(request_id, finished=True) for request_id in finished]
+        outputs = self._collect_outputs(finished, finished=True)
         streamed = {s.request_id for s in sampled_seqs if s.detokenizer is not None}
-        for request_id in sorted(streamed - set(finished)):
-            outputs.append(self._request_output(request_id, finished=False))
+        streamed = {r for r in streamed if r in self._requests} - set(finished)
+        return outputs + self._collect_outputs(sorted(streamed), finished=False)
+
+    def _collect_outputs(self, request_ids: list[str], finished: bool) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            try:
+                outputs.append(self._request_output(request_id, finished=finished))
+            except Exception as exc:
+                if not self.isolate_request_errors:
+                    raise
+                self._fail_request(request_id, exc)
         return outputs
+
+    def _fail_request(self, request_id: str, exc: Exception) -> None:
+        logger.error("request %s failed; dropping it", request_id, exc_info=exc)
+        self.abort_request(request_id)
+        self._failed.append((request_id, exc))
+
+    def take_failed_requests(self) -> list[tuple[str, Exception]]:
+        """The requests dropped since the last call (with ``isolate_request_errors``)."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
         finished: list[str] = []
         for i, seq in enumerate(seqs):
-            token = out.token_ids[i]
-            seq.token_ids.append(token)
-            if seq.detokenizer is not None:
-                seq.detokenizer.add(token)
-            seq.cumulative_logprob += out.logprobs[i]
-            top = out.top_logprobs[i]
-            if seq.logprobs is not None and top is not None:
-                entry = self._logprob_entry(token, out.logprobs[i], top)
-                if seq.params.detokenize:
-                    for token_id, lp in entry.items():
-                        lp.decoded_token = self.tokenizer.decode([token_id])
-                seq.logprobs.append(entry)
-            if self._check_stop(seq, token):
+            if seq.request_id not in self._requests:
+                continue  # failed earlier in this step (another sequence of the request)
+            try:
+                stopped = self._append_token(seq, i, out)
+            except Exception as exc:
+                if not self.isolate_request_errors:
+                    raise
+                self._fail_request(seq.request_id, exc)
+                continue
+            if stopped:
                 self.scheduler.finish(seq)
                 if all(s.is_finished for s in self._requests[seq.request_id]):
                     finished.append(seq.request_id)
         return finished
+
+    def _append_token(self, seq: Sequence, i: int, out: SamplerOutput) -> bool:
+        """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``."""
+        token = out.token_ids[i]
+        seq.token_ids.append(token)
+        if seq.detokenizer is not None:
+            seq.detokenizer.add(token)
+        seq.cumulative_logprob += out.logprobs[i]
+        top = out.top_logprobs[i]
+        if seq.logprobs is not None and top is not None:
+            entry = self._logprob_entry(token, out.logprobs[i], top)
+            if seq.params.detokenize:
+                for token_id, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([token_id])
+            seq.logprobs.append(entry)
+        return self._check_stop(seq, token)
 
     @staticmethod
     def _logprob_entry(

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from hwlm.server.options import add_server_options, cors_settings, server_limits
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "hwlm-tiny"
 API_KEY_ENV = "HWLM_API_KEY"
-GRACEFUL_SHUTDOWN_S = 5  # backstop: uvicorn cancels responses still open this long after a signal
 
 
 def add_serve_parser(
@@ -45,6 +46,7 @@ def add_serve_parser(
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
+    add_server_options(serve)
     add_engine_arguments(serve)
     if engine_kwargs is not None:
         serve.set_defaults(func=lambda args: run_serve(args, engine_kwargs(args)))
@@ -90,15 +92,17 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
     served_model_name = args.served_model_name or args.model
     engine = AsyncLLMEngine(LLMEngine(EngineArgs(model=args.model, **engine_kwargs)))
     try:
-        app = build_app(engine, served_model_name, api_key)
+        app = build_app(
+            engine, served_model_name, api_key, server_limits(args), cors_settings(args)
+        )
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=args.uvicorn_log_level,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
         )
-        server = _make_server(uvicorn, config, engine)
+        server = _make_server(uvicorn, config, engine, app)
         guard.server = server
         logger.info(
             "serving %r as %r on http://%s:%d%s",
@@ -118,14 +122,28 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
         logger.info("server stopped")
 
 
-def _make_server(uvicorn: Any, config: Any, engine: Any) -> Any:
-    """A uvicorn.Server that, on SIGINT/SIGTERM, also stops the engine at once: in-flight
-    responses end promptly with an error (streams: an error event, then [DONE]) instead of
-    holding the shutdown until uvicorn's graceful timeout cancels them."""
+def _make_server(uvicorn: Any, config: Any, engine: Any, app: Any) -> Any:
+    """A uvicorn.Server that drains on SIGINT/SIGTERM: it stops listening and answers new
+    requests on open connections with 503, while in-flight requests run on for up to
+    --shutdown-timeout seconds (then uvicorn cancels them, which aborts them). A second signal
+    stops the engine at once: in-flight responses end with an error."""
 
     class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
+        finished = False
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            self.finished = True  # uvicorn re-raises the signals it caught after this
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.finished:
+                return
+            if self.should_exit:
+                logger.info("second signal: aborting in-flight requests")
+                engine.shutdown(timeout=0)
+            else:
+                logger.info("shutting down: draining in-flight requests")
+            app.state.draining = True
             super().handle_exit(sig, frame)
-            engine.shutdown(timeout=0)
 
     return Server(config)

@@ -1,0 +1,88 @@
+"""What a request must pass before a handler sees it: the server's configured limits, known chat
+roles, room in the waiting queue, and a server that is not shutting down.
+
+The limits are flags of ``hwlm serve`` (see docs/reliability.md); each breach is a 4xx OpenAI error
+body naming the parameter, except a full queue and a draining server, which are 503 with
+``Retry-After`` so that clients and load balancers back off and retry elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hwlm.server.errors import APIError
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request limits (None: no limit beyond the model's own) and the waiting-queue bound."""
+
+    max_request_bytes: int = 8 * 2**20
+    max_tokens: int | None = None
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_waiting_requests: int | None = 1024
+
+
+def check_request(request: Any, limits: ServerLimits) -> None:
+    """400 for the first field of a completion or chat request over its configured limit, and for
+    chat messages with a role the chat format does not know."""
+    n = getattr(request, "n", 1)
+    if n is not None and n > limits.max_n:
+        raise APIError(f"n must be at most {limits.max_n}, got {n}", param="n")
+    _check_max_tokens(request, limits)
+    _check_logprobs(request, limits)
+    stop = getattr(request, "stop", None)
+    num_stop = 1 if isinstance(stop, str) else len(stop or [])
+    if num_stop > limits.max_stop_strings:
+        raise APIError(
+            f"at most {limits.max_stop_strings} stop strings are allowed, got {num_stop}",
+            param="stop",
+        )
+    for i, message in enumerate(getattr(request, "messages", None) or []):
+        if message.role not in CHAT_ROLES:
+            raise APIError(
+                f"messages[{i}].role {message.role!r} is not one of {sorted(CHAT_ROLES)}",
+                param="messages",
+            )
+
+
+def _check_max_tokens(request: Any, limits: ServerLimits) -> None:
+    if limits.max_tokens is None:
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, name, None)
+        if value is not None and value > limits.max_tokens:
+            raise APIError(f"{name} must be at most {limits.max_tokens}, got {value}", param=name)
+
+
+def _check_logprobs(request: Any, limits: ServerLimits) -> None:
+    for name in ("logprobs", "top_logprobs"):
+        value = getattr(request, name, None)
+        if isinstance(value, bool) or value is None:
+            continue  # chat's logprobs is a switch; its count is top_logprobs
+        if value > limits.max_logprobs:
+            raise APIError(f"{name} must be at most {limits.max_logprobs}, got {value}", param=name)
+
+
+def check_capacity(num_waiting: int, limits: ServerLimits, draining: bool) -> None:
+    """503 with Retry-After while the server drains for shutdown, or when the waiting queue is
+    full (``num_waiting`` requests accepted but not yet scheduled)."""
+    if draining:
+        raise APIError(
+            "the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    bound = limits.max_waiting_requests
+    if bound is not None and num_waiting >= bound:
+        raise APIError(
+            f"the server is overloaded: {num_waiting} requests are waiting (the limit is "
+            f"{bound}); retry later",
+            503,
+            code="server_overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
