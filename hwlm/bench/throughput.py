@@ -214,8 +214,9 @@ def _run_hwlm(
         SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
         for n in _output_lens(args)
     ]
-    warm_up = [{"prompt_token_ids": p[:8]} for p in prompts[:2]]
-    llm.generate(warm_up, params[:2], use_tqdm=False)
+    # Warm-up on two whole prompts: compiles the kernels for prefill and decode shapes.
+    warm_up = [{"prompt_token_ids": p} for p in prompts[:2]]
+    llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     times = []
     for _ in range(args.repeats):
         llm.reset_prefix_cache()  # each run starts cold: no prompt is served from a previous run
