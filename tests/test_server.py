@@ -47,11 +47,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # A scripted engine ------------------------------------------------------------------------------
 
 
+class FakeTokenizer:
+    """Two tokens per text."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [1, 2]}
+
+
 class FakeEngine:
     """Enough of LLMEngine for AsyncLLMEngine: each request makes one token ("x") per step."""
 
     def __init__(self, fail_at_step: int | None = None, tokens: int = 3) -> None:
-        self.tokenizer = None
+        self.tokenizer = FakeTokenizer()
         self.config = type("Config", (), {"max_model_len": 64})()
         self.fail_at_step = fail_at_step
         self.tokens = tokens

@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI-compatible routes over an AsyncLLMEngine.
 
-GET /health, GET /version, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions.
+GET /health, GET /version, GET /metrics (Prometheus), POST /tokenize, POST /detokenize,
+GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 Every error is an OpenAI error body (see ``hwlm.server.errors``); with an API key configured the
 /v1 routes need ``Authorization: Bearer <key>``.
 """
@@ -21,9 +21,17 @@ from hwlm.server.body_limit import BodySizeLimitMiddleware
 from hwlm.server.cors import CORSSettings, install_cors
 from hwlm.server.errors import APIError, install_error_handlers
 from hwlm.server.prometheus import CONTENT_TYPE, render_metrics
-from hwlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from hwlm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from hwlm.server.serving_chat import create_chat_completion
 from hwlm.server.serving_completion import create_completion
+from hwlm.server.serving_tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +42,11 @@ def build_app(
     api_key: str | None,
     limits: ServerLimits | None = None,
     cors: CORSSettings | None = None,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The app; it does not own ``engine`` (whoever built the engine shuts it down). Setting
-    ``app.state.draining`` makes new /v1 generation requests fail with 503 (shutdown)."""
+    ``app.state.draining`` makes new /v1 generation requests fail with 503 (shutdown).
+    ``chat_template`` (Jinja text) replaces the tokenizer's own."""
     app = FastAPI(title="hwlm OpenAI-compatible server", version=hwlm.__version__)
     install_error_handlers(app)
     limits = limits or ServerLimits()
@@ -85,6 +95,14 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         admit(request)
-        return await create_chat_completion(engine, served_model_name, request, raw)
+        return await create_chat_completion(engine, served_model_name, request, raw, chat_template)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: TokenizeRequest) -> Response:
+        return await tokenize(engine, served_model_name, request, chat_template)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: DetokenizeRequest) -> Response:
+        return await detokenize(engine, served_model_name, request)
 
     return app

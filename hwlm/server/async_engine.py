@@ -256,6 +256,10 @@ class AsyncLLMEngine:
             lambda e: e.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
         )
 
+    async def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The tokenizer's string for each token id (its vocabulary entries)."""
+        return await self._call(lambda e: list(e.tokenizer.convert_ids_to_tokens(token_ids)))
+
     async def get_stats(self) -> EngineStats:
         def snapshot(e: Any) -> EngineStats:
             blocks = e.block_manager

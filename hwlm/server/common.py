@@ -26,6 +26,27 @@ def check_logprobs(value: int | None, param: str) -> None:
         raise APIError(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param=param)
 
 
+def check_context_length(
+    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str
+) -> None:
+    """400 with vLLM's message when the prompt, or the prompt plus ``max_tokens``, does not fit
+    the context window (vLLM rejects such requests rather than shortening ``max_tokens``)."""
+    prefix = f"This model's maximum context length is {max_model_len} tokens. However, "
+    if num_prompt_tokens >= max_model_len:
+        raise APIError(
+            prefix + f"your request has {num_prompt_tokens} input tokens. "
+            "Please reduce the length of the input.",
+            param=param,
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError(
+            prefix + f"you requested {num_prompt_tokens + max_tokens} tokens "
+            f"({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="max_tokens",
+        )
+
+
 def sampling_params(
     request: SamplingRequest, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:

@@ -145,7 +145,34 @@ class ChatCompletionRequest(SamplingRequest):
         return super().unsupported()
 
 
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize body: a ``prompt``, or chat ``messages`` rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 # Responses ----------------------------------------------------------------------------------------
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
 
 
 class UsageInfo(OpenAIModel):

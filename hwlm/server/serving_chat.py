@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -12,7 +11,14 @@ from starlette.background import BackgroundTask
 
 from hwlm.outputs import CompletionOutput
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
-from hwlm.server.common import check_logprobs, check_model, sampling_params, usage
+from hwlm.server.chat_utils import apply_chat_template
+from hwlm.server.common import (
+    check_context_length,
+    check_logprobs,
+    check_model,
+    sampling_params,
+    usage,
+)
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import chat_logprobs
 from hwlm.server.protocol import (
@@ -21,7 +27,6 @@ from hwlm.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
@@ -42,47 +47,12 @@ from hwlm.server.streaming import (
 logger = logging.getLogger(__name__)
 
 
-def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template expects them; content parts must be text."""
-    if not messages:
-        raise APIError("messages is empty: give at least one message", param="messages")
-    conversation = []
-    for i, message in enumerate(messages):
-        content = message.content
-        if content is None:
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        else:
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise APIError(
-                        f"messages[{i}]: only text content parts are supported, got {part.type!r}",
-                        param="messages",
-                    )
-                texts.append(part.text)
-            text = "\n".join(texts)
-        conversation.append({"role": message.role, "content": text})
-    return conversation
-
-
-def _apply_template(
-    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool
-) -> str:
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:  # no template, or the template rejects the conversation
-        raise APIError(f"cannot apply the chat template: {exc}", param="messages") from exc
-    if not isinstance(text, str):
-        raise APIError("the chat template did not produce text", param="messages")
-    return text
-
-
 async def create_chat_completion(
-    engine: AsyncLLMEngine, served_model_name: str, request: ChatCompletionRequest, raw: Request
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    request: ChatCompletionRequest,
+    raw: Request,
+    chat_template: str | None = None,
 ) -> Response:
     check_model(request.model, served_model_name)
     if request.top_logprobs is not None and not request.logprobs:
@@ -93,10 +63,11 @@ async def create_chat_completion(
     if max_tokens is None:
         max_tokens = request.max_tokens
     params = sampling_params(request, max_tokens, logprobs)
-    text = _apply_template(
-        engine.tokenizer, _conversation(request.messages), request.add_generation_prompt
+    text = apply_chat_template(
+        engine.tokenizer, request.messages, request.add_generation_prompt, chat_template
     )
     token_ids = await engine.tokenize(text, add_special_tokens=False)  # the template has them
+    check_context_length(len(token_ids), max_tokens, engine.max_model_len, "messages")
     prompt = {"prompt": text, "prompt_token_ids": token_ids}
     request_id = random_id("chatcmpl")
     streams = await add_requests(

@@ -12,7 +12,13 @@ from starlette.background import BackgroundTask
 
 from hwlm.outputs import CompletionOutput, RequestOutput
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, PromptType, RequestStream
-from hwlm.server.common import check_logprobs, check_model, sampling_params, usage
+from hwlm.server.common import (
+    check_context_length,
+    check_logprobs,
+    check_model,
+    sampling_params,
+    usage,
+)
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import completion_logprobs
 from hwlm.server.protocol import (
@@ -48,13 +54,29 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prom
     return list(prompt)  # type: ignore[arg-type]
 
 
+async def _tokenized(
+    engine: AsyncLLMEngine, prompts: list[PromptType], max_tokens: int | None
+) -> list[PromptType]:
+    """Each prompt with its token ids, after checking that it fits the context window."""
+    out: list[PromptType] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = await engine.tokenize(prompt)
+            out.append({"prompt": prompt, "prompt_token_ids": ids})
+        else:
+            ids = prompt if isinstance(prompt, list) else []
+            out.append(prompt)
+        check_context_length(len(ids), max_tokens, engine.max_model_len, "prompt")
+    return out
+
+
 async def create_completion(
     engine: AsyncLLMEngine, served_model_name: str, request: CompletionRequest, raw: Request
 ) -> Response:
     check_model(request.model, served_model_name)
     check_logprobs(request.logprobs, "logprobs")
     params = sampling_params(request, request.max_tokens, request.logprobs)
-    prompts = _prompts(request.prompt)
+    prompts = await _tokenized(engine, _prompts(request.prompt), request.max_tokens)
     request_id = random_id("cmpl")
     streams = await add_requests(engine, request_id, prompts, params, stream=request.stream)
     logger.debug("%s: %d prompt(s), stream=%s", request_id, len(prompts), request.stream)
