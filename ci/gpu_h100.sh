@@ -2,8 +2,9 @@
 # The GPU checks and benchmarks of docs/benchmarks.md in one go (the H100 device machine has
 # torch, triton, transformers and pytest but no network; hwlm runs from this source checkout).
 #
-#   bash ci/gpu_h100.sh check   # conformance suite (ops + end to end) with --device cuda
+#   bash ci/gpu_h100.sh check   # conformance suite (e2e + ops) with --device cuda
 #   bash ci/gpu_h100.sh bench   # G3 (with transformers), G2, G1, and the decode profile
+#   bash ci/gpu_h100.sh e2e g3  # any of: e2e ops g3 g2 g1 profile; or all
 #
 # Logs and the support-matrix column go to $OUT (default /tmp/hwlm-gpu).
 set -u
@@ -24,17 +25,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 
-if [[ " $* " == *" check "* ]]; then
-    cp docs/support-matrix.md "$OUT/support-matrix.md"
-    step e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
-    step ops 300 $py -m pytest -q tests/conformance/test_ops.py --device cuda \
-        --support-matrix "$OUT/support-matrix.md"
-fi
+bench="$py -m hwlm.cli --log-level info bench throughput --device cuda"
+args=" $* "
+run_if() { local name=$1; shift; [[ "$args" == *" $name "* || "$args" == *" all "* ||
+    ("$args" == *" check "* && " e2e ops " == *" $name "*) ||
+    ("$args" == *" bench "* && " g3 g2 g1 profile " == *" $name "*) ]] && step "$name" "$@"; }
 
-if [[ " $* " == *" bench "* ]]; then
-    bench() { $py -m hwlm.cli --log-level info bench throughput --device cuda "$@"; }
-    step g3 240 bench --workload g3 --compare-hf --output-json "$OUT/g3.json"
-    step g2 120 bench --workload g2 --output-json "$OUT/g2.json"
-    step g1 180 bench --workload g1 --output-json "$OUT/g1.json"
-    step profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
-fi
+cp docs/support-matrix.md "$OUT/support-matrix.md"
+run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
+run_if ops 300 $py -m pytest -q tests/conformance/test_ops.py --device cuda \
+    --support-matrix "$OUT/support-matrix.md"
+run_if g3 240 $bench --workload g3 --compare-hf --output-json "$OUT/g3.json"
+run_if g2 120 $bench --workload g2 --output-json "$OUT/g2.json"
+run_if g1 180 $bench --workload g1 --output-json "$OUT/g1.json"
+run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
