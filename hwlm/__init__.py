@@ -12,9 +12,19 @@ _own_layout = all(
 if _own_layout and _root not in __path__:
     __path__.append(_root)
 
+from hwlm.beam_search import BeamSearchOutput, BeamSearchParams  # noqa: E402
 from hwlm.llm import LLM  # noqa: E402  (after the path set-up above)
 from hwlm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "__version__",
+]

@@ -65,8 +65,9 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Block ids and hashes of the longest cached prefix of ``seq`` (read-only).
 
-        At least one token is always left to compute, so the model can produce logits."""
-        if not self.enable_prefix_caching:
+        At least one token is always left to compute, so the model can produce logits. A
+        sequence that still wants prompt logprobs reads nothing: its prompt must be computed."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return [], []
         bs = self.block_size
         ids: list[int] = []

@@ -10,19 +10,23 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hwlm.block_manager import BlockManager
 from hwlm.config import EngineConfig, ModelConfig, parse_dtype
+from hwlm.generation_config import load_sampling_defaults
 from hwlm.model_runner import ModelRunner
-from hwlm.outputs import CompletionOutput, Logprob, RequestOutput
+from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from hwlm.registry import select_backend
-from hwlm.sampler import SamplerOutput
+from hwlm.request_checks import check_params, tokenize_bad_words
+from hwlm.sampler import SamplerOutput, TopLogprobs
 from hwlm.sampling_params import SamplingParams
 from hwlm.scheduler import Scheduler
-from hwlm.sequence import Sequence
+from hwlm.sequence import Sequence, Status
+from hwlm.stop_checker import check_stop
 from hwlm.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class EngineArgs:
     load_format: str = "auto"
     tokenizer: str | None = None
     enforce_eager: bool = False
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for; -1: any
 
 
 class LLMEngine:
@@ -85,6 +90,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.runner = ModelRunner(model, self.backend, kv_caches, self.config)
         self.eos_token_ids = self._eos_token_ids()
+        self.max_logprobs = args.max_logprobs
+        self.sampling_defaults = load_sampling_defaults(
+            resolved.weights_path or _local_folder(resolved.tokenizer_path)
+        )
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         # Off: an exception while processing a request's output ends the step (LLM.generate).
@@ -147,6 +156,12 @@ class LLMEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's rule: only
+        repetition_penalty, temperature, top_k, top_p, min_p and max_new_tokens are taken;
+        ``sampling_defaults`` holds them as a dict, for filling a request's unset fields)."""
+        return SamplingParams(**self.sampling_defaults)
+
     # Requests ---------------------------------------------------------------------------------
 
     def add_request(
@@ -160,11 +175,17 @@ class LLMEngine:
         (cumulative text and token ids); otherwise only once it has finished."""
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids, params)
+        vocab = self.model_config.vocab_size
+        check_params(params, vocab, self.max_logprobs, stream)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, text, self.eos_token_ids)
-        if stream:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        seq.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [], vocab)
+        seq.stream = stream
+        if stream or params.stop_strings:
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
+            )
         self._requests[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -219,15 +240,23 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty():
             return []
-        sampled_seqs, sampled = self.runner.execute(batch)
+        parents = self._fork_samples(batch.seqs, batch.num_new_tokens)
+        _, sampled = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
+        for parent in parents:
+            for child in parent.pending_forks:
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.block_hashes = list(parent.block_hashes)
         if sampled is None:
             return []
+        sampled_seqs = sampled.seqs  # forks included
         finished = self._append_tokens(sampled_seqs, sampled)
+        for parent in parents:
+            parent.pending_forks = []
         outputs = self._collect_outputs(finished, finished=True)
-        streamed = {s.request_id for s in sampled_seqs if s.detokenizer is not None}
+        streamed = {s.request_id for s in sampled_seqs if s.stream}
         streamed = {r for r in streamed if r in self._requests} - set(finished)
         return outputs + self._collect_outputs(sorted(streamed), finished=False)
 
@@ -252,6 +281,24 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return failed
 
+    def _fork_samples(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[Sequence]:
+        """Parallel sampling: a request's first sequence whose prompt completes in this step
+        forks into best_of samples sharing its KV blocks (reference counts; each copies a shared
+        block only when it first writes into it). The forks are sampled with it this step."""
+        parents = []
+        for seq, n in zip(seqs, num_new_tokens, strict=True):
+            if seq.num_forks_left and seq.num_computed_tokens + n == seq.num_tokens:
+                for index in range(1, seq.num_forks_left + 1):
+                    child = seq.fork(next(self._seq_ids), index)
+                    self.block_manager.fork(seq, child)
+                    child.status = Status.RUNNING
+                    self.scheduler.running.append(child)
+                    self._requests[seq.request_id].append(child)
+                    seq.pending_forks.append(child)
+                seq.num_forks_left = 0
+                parents.append(seq)
+        return parents
+
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
         finished: list[str] = []
         for i, seq in enumerate(seqs):
@@ -274,66 +321,71 @@ class LLMEngine:
         """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``."""
         token = out.token_ids[i]
         seq.token_ids.append(token)
-        if seq.detokenizer is not None:
-            seq.detokenizer.add(token)
+        new_text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         seq.cumulative_logprob += out.logprobs[i]
         top = out.top_logprobs[i]
         if seq.logprobs is not None and top is not None:
-            entry = self._logprob_entry(token, out.logprobs[i], top)
-            if seq.params.detokenize:
-                for token_id, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([token_id])
-            seq.logprobs.append(entry)
-        return self._check_stop(seq, token)
+            seq.logprobs.append(self._logprob_entry(token, out.logprobs[i], top, seq))
+        return check_stop(seq, token, new_text, self.config.max_model_len)
 
-    @staticmethod
     def _logprob_entry(
-        token: int, logprob: float, top: tuple[list[int], list[float], int]
+        self, token: int, logprob: float, top: TopLogprobs, seq: Sequence
     ) -> dict[int, Logprob]:
         ids, values, rank = top
         entry = {t: Logprob(v, r + 1) for r, (t, v) in enumerate(zip(ids, values, strict=True))}
         entry.setdefault(token, Logprob(logprob, rank))
+        if seq.params.detokenize:
+            for token_id, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
         return entry
-
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
-        params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
-            if token in seq.eos_token_ids:
-                seq.finish_reason = "stop"
-                return True
-            if token in (params.stop_token_ids or ()):
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return True
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            seq.finish_reason = "length"
-            return True
-        if seq.num_tokens >= self.config.max_model_len:
-            seq.finish_reason = "length"
-            return True
-        return False
 
     def _request_output(self, request_id: str, finished: bool) -> RequestOutput:
         seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
         first = seqs[0]
-        completions = [self._completion(i, seq) for i, seq in enumerate(seqs)]
+        params = first.params
+        assert params.best_of is not None
+        if finished and params.best_of > params.n:  # keep the n most likely samples
+            chosen = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
+        else:
+            chosen = sorted(seqs, key=lambda s: s.sample_index)
         return RequestOutput(
             request_id=request_id,
             prompt=first.prompt,
             prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
-            outputs=completions,
+            outputs=[self._completion(i, seq) for i, seq in enumerate(chosen)],
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs(first),
         )
+
+    def _prompt_logprobs(self, seq: Sequence) -> PromptLogprobs | None:
+        if seq.prompt_logprobs is None:
+            return None
+        if seq.params.detokenize:
+            for entry in seq.prompt_logprobs:
+                for token_id, lp in (entry or {}).items():
+                    if lp.decoded_token is None:
+                        lp.decoded_token = self.tokenizer.decode([token_id])
+        return list(seq.prompt_logprobs)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         params = seq.params
         output_ids = seq.output_token_ids
         if not params.detokenize:
             text = ""
+        elif seq.output_text is not None:  # cut at a stop string
+            text = seq.output_text
         elif seq.detokenizer is not None and not seq.is_finished:
             text = seq.detokenizer.text
+            hold = params.output_text_buffer_length  # a stop string may still start here
+            text = text[: max(0, len(text) - hold)]
         else:
-            text = decode_tokens(self.tokenizer, output_ids, params.skip_special_tokens)
+            text = decode_tokens(
+                self.tokenizer,
+                output_ids,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            )
         logprobs = None
         if seq.logprobs is not None:
             logprobs = [dict(entry) for entry in seq.logprobs]  # a snapshot: seq keeps growing
@@ -346,3 +398,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+def _local_folder(path: str) -> str | None:
+    return path if Path(path).is_dir() else None

@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from hwlm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from hwlm.engine import EngineArgs, LLMEngine
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class LLM:
         load_format: str = "auto",
         tokenizer: str | None = None,
         enforce_eager: bool = False,
+        max_logprobs: int = 20,
     ) -> None:
         if memory_utilization is not None and gpu_memory_utilization is not None:
             if memory_utilization != gpu_memory_utilization:
@@ -67,6 +69,7 @@ class LLM:
                 load_format=load_format,
                 tokenizer=tokenizer,
                 enforce_eager=enforce_eager,
+                max_logprobs=max_logprobs,
             )
         )
         self._request_counter = itertools.count()
@@ -78,6 +81,31 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams ``generate`` uses when given none: vLLM's defaults, overridden by
+        the model's generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens)."""
+        return self.engine.get_default_sampling_params()
+
+    def beam_search(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (see ``hwlm.beam_search``); one output per prompt, its
+        ``sequences`` best first, each holding the prompt and generated tokens and their text."""
+        prompt_ids = []
+        for prompt in _as_prompt_list(prompts):
+            _, ids = self.engine._tokenize(prompt)
+            prompt_ids.append(ids)
+
+        def generate(batch: list[dict[str, Any]], sp: SamplingParams) -> list[RequestOutput]:
+            return self.generate(batch, sp, use_tqdm=use_tqdm)
+
+        return beam_search(generate, self.engine.tokenizer, prompt_ids, params)
+
     def generate(
         self,
         prompts: PromptType | SequenceABC[PromptType],
@@ -87,6 +115,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of ``prompts``."""
         prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params_list = _as_params_list(sampling_params, len(prompt_list))
         ids = []
         try:

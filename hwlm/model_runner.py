@@ -15,6 +15,7 @@ from hwlm.attention import AttentionMetadata, ForwardContext
 from hwlm.backend import Backend, DecodeRunner
 from hwlm.config import EngineConfig
 from hwlm.models import CausalLM
+from hwlm.prompt_logprobs import record_prompt_logprobs
 from hwlm.sampler import Sampler, SamplerOutput
 from hwlm.scheduler import ScheduledBatch
 from hwlm.sequence import Sequence
@@ -56,6 +57,8 @@ class ModelRunner:
         inputs = self.prepare(batch)
         with torch.inference_mode():
             hidden = self._forward(inputs)
+            if any(s.wants_prompt_logprobs for s in batch.seqs):
+                record_prompt_logprobs(batch, hidden, self.model.compute_logits)
             if not inputs.sample_seqs:
                 return [], None
             logits = self.model.compute_logits(hidden[inputs.sample_rows])

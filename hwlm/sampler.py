@@ -1,115 +1,172 @@
 """Next-token selection for a batch, in batched torch ops on whatever device the logits are on.
 
-Order, as in vLLM: temperature, min_p, top-k, top-p, then sampling. Greedy rows take the argmax.
+vLLM's order: token constraints (allowed tokens, bad words, min_tokens, logit_bias), penalties
+(repetition, frequency, presence), then greedy rows take the argmax and random rows go through
+temperature, min_p, top-k, top-p and sampling.
+
 Random rows draw by the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly
-from p and lets a seeded request draw its noise from its own generator, so its output does not
-depend on what else is in the batch. Log-probabilities are those of the raw model distribution.
+from p. A seeded request draws its noise over the whole vocabulary from its own generator, so its
+output does not depend on what else is in the batch. Log-probabilities (of sampled tokens, of the
+top-N, and the ranks) are those of the raw model distribution, before any processing.
+
+A sequence that forked this step (parallel sampling, see ``Sequence.pending_forks``) has its logits
+row repeated for each fork, so every sample draws its own first token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from hwlm.penalties import PenaltyTensors, apply_penalties
 from hwlm.sequence import Sequence
+from hwlm.token_constraints import TokenConstraints
+
+TopLogprobs = tuple[list[int], list[float], int]  # (top ids, their logprobs, sampled rank)
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # of each sampled token
-    top_logprobs: list[tuple[list[int], list[float], int] | None]  # (ids, logprobs, sampled rank)
+    top_logprobs: list[TopLogprobs | None]
+    seqs: list[Sequence]  # the sequence of each row: the sampled ones, forks included
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits, seqs = _expand_forks(logits, seqs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        params = [s.params for s in seqs]
-        logits = _mask_stops_before_min_tokens(logits, seqs)
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy.all()):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, seqs))
+        logits = process_logits(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        greedy = [s.params.greedy for s in seqs]
+        if not all(greedy):
+            sampled = sample(logits, seqs)
+            if any(greedy):
+                mask = torch.tensor(greedy, device=logits.device)
+                sampled = torch.where(mask, tokens, sampled)
+            tokens = sampled
         token_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top = self._top_logprobs(raw_logprobs, tokens, seqs)
-        return SamplerOutput(tokens.tolist(), token_logprobs.tolist(), top)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        device = logits.device
-        params = [s.params for s in seqs]
-        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-        logits = logits / temps[:, None]
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
-            probs = logits.softmax(dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            logits = _apply_top_k_top_p(logits, params)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for i, seq in enumerate(seqs):  # only seeded requests draw from their own generator
-            if seq.params.seed is not None:
-                noise[i].exponential_(generator=_generator(seq, device))
-        return (probs / noise).argmax(dim=-1)
-
-    def _top_logprobs(
-        self, raw_logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
-    ) -> list[tuple[list[int], list[float], int] | None]:
-        wanted = [s.params.logprobs for s in seqs]
-        if all(n is None for n in wanted):
-            return [None] * len(seqs)
-        k = max(n or 0 for n in wanted)
-        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
-        chosen = raw_logprobs.gather(1, tokens[:, None])
-        ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
-        out: list[tuple[list[int], list[float], int] | None] = []
-        for i, n in enumerate(wanted):
-            if n is None:
-                out.append(None)
-            elif n == 0 or top_ids is None or top_vals is None:
-                out.append(([], [], int(ranks[i])))
-            else:
-                out.append((top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), int(ranks[i])))
-        return out
+        top = top_logprobs(raw_logprobs, tokens, [s.params.logprobs for s in seqs])
+        return SamplerOutput(tokens.tolist(), token_logprobs.tolist(), top, seqs)
 
 
-def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
-            stops = [*seq.eos_token_ids, *(seq.params.stop_token_ids or ())]
-            rows.extend([i] * len(stops))
-            cols.extend(stops)
-    if not rows:
-        return logits
-    logits = logits.clone()
-    logits[rows, cols] = float("-inf")
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Token constraints, then penalties (nothing is done for rows that use neither)."""
+    constraints = TokenConstraints.build(seqs)
+    if constraints is not None:
+        logits = constraints.apply(logits)
+    penalties = PenaltyTensors.build(seqs, logits.shape[1], logits.device)
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     return logits
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, params: list) -> torch.Tensor:
-    vocab = logits.shape[-1]
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, min_p, top-k, top-p, then one draw per row (greedy rows are drawn too; the
+    caller replaces them)."""
     device = logits.device
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    params = [s.params for s in seqs]
+    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
+    logits = logits / temps[:, None]
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits, [p.min_p for p in params])
+    vocab = logits.shape[1]
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    if any(p.top_p < 1.0 for p in params) or min(top_k) < vocab:
+        values, ids = top_k_top_p(logits, top_k, [p.top_p for p in params])
+        noise = _noise(seqs, ids.shape, vocab, device, ids)
+        return ids.gather(1, (values.softmax(dim=-1) / noise).argmax(dim=-1, keepdim=True))[:, 0]
+    noise = _noise(seqs, logits.shape, vocab, device, None)
+    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
 
 
-def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
-    if seq.params.seed is None:
-        return None
+def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Mask tokens with probability below min_p times the top probability. In logit space:
+    p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)."""
+    log_min_p = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p])
+    threshold = logits.max(dim=-1, keepdim=True).values + log_min_p.to(logits.device)[:, None]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_k_top_p(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``max(top_k)`` best logits of each row, best first, with their token ids; entries past
+    a row's own top_k, then past its top_p mass (of the top-k renormalised distribution; the
+    best token always stays), are -inf."""
+    device = logits.device
+    values, ids = logits.topk(max(top_k), dim=-1)
+    ranks = torch.arange(values.shape[1], device=device)[None, :]
+    k = torch.tensor(top_k, device=device)[:, None]
+    values = values.masked_fill(ranks >= k, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        probs = values.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
+        p = torch.tensor(top_p, device=device)[:, None]
+        values = values.masked_fill((mass_before >= p) & (ranks > 0), float("-inf"))
+    return values, ids
+
+
+def _noise(
+    seqs: list[Sequence],
+    shape: torch.Size,
+    vocab: int,
+    device: torch.device,
+    ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Exp(1) noise per candidate. A seeded row draws one value per vocabulary entry from its own
+    generator and picks those of its candidates (``ids``), whatever the batch's candidate count."""
+    noise = torch.empty(shape, device=device).exponential_()
+    for i, seq in enumerate(seqs):  # only seeded requests draw from their own generator
+        if seq.params.seed is not None and not seq.params.greedy:
+            row = torch.empty(vocab, device=device).exponential_(generator=_generator(seq, device))
+            noise[i] = row if ids is None else row[ids[i]]
+    return noise
+
+
+def top_logprobs(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]
+) -> list[TopLogprobs | None]:
+    """Per row: the N best (ids, logprobs) and the sampled token's rank (1 = best); N = -1 means
+    the whole vocabulary; None where no logprobs were asked for."""
+    if all(n is None for n in wanted):
+        return [None] * len(wanted)
+    vocab = raw_logprobs.shape[1]
+    counts = [vocab if n == -1 else min(n or 0, vocab) for n in wanted]
+    k = max(counts)
+    top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
+    chosen = raw_logprobs.gather(1, tokens[:, None])
+    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
+    ids_rows, val_rows = top_ids.tolist(), top_vals.tolist()
+    out: list[TopLogprobs | None] = []
+    for i, (n, count) in enumerate(zip(wanted, counts, strict=True)):
+        if n is None:
+            out.append(None)
+        else:
+            out.append((ids_rows[i][:count], val_rows[i][:count], int(ranks[i])))
+    return out
+
+
+def _expand_forks(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[torch.Tensor, list[Sequence]]:
+    if not any(s.pending_forks for s in seqs):
+        return logits, seqs
+    rows: list[int] = []
+    expanded: list[Sequence] = []
+    for i, seq in enumerate(seqs):
+        for member in (seq, *seq.pending_forks):
+            rows.append(i)
+            expanded.append(member)
+    return logits[torch.tensor(rows, device=logits.device)], expanded
+
+
+def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
     if seq.generator is None:
         seq.generator = torch.Generator(device=device)
-        seq.generator.manual_seed(seq.params.seed)
+        seq.generator.manual_seed(seq.seed or 0)
     return seq.generator

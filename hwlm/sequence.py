@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
 
+import numpy as np
 import torch
 
-from hwlm.outputs import SampleLogprobs
+from hwlm.outputs import PromptLogprobs, SampleLogprobs
 from hwlm.sampling_params import SamplingParams
 from hwlm.tokenizer import IncrementalDetokenizer
 
@@ -48,7 +50,55 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
-        self.detokenizer: IncrementalDetokenizer | None = None  # set for streamed requests
+        self.detokenizer: IncrementalDetokenizer | None = None  # streamed or stop strings
+        self.stream = False  # report after every token, not only when finished
+        self.output_text: str | None = None  # the final text when a stop string cut it
+        self.bad_words_token_ids: list[list[int]] = []  # params.bad_words, tokenized
+        self.prompt_logprobs: PromptLogprobs | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        # Parallel sampling: the first sequence of a request forks into best_of samples once its
+        # prompt is computed; the forks share its KV blocks.
+        self.sample_index = 0
+        self.num_forks_left = (params.best_of or 1) - 1
+        self.pending_forks: list[Sequence] = []  # forked this step, sampled with the parent
+        self._prompt_array: np.ndarray | None = None
+
+    def fork(self, seq_id: int, sample_index: int) -> Sequence:
+        """A sibling with the same tokens and results so far; blocks are shared by the caller
+        (``BlockManager.fork``). A seeded request's sample ``i`` draws with seed + i."""
+        child = copy.copy(self)
+        child.seq_id = seq_id
+        child.sample_index = sample_index
+        child.token_ids = list(self.token_ids)
+        child.block_ids, child.block_hashes = [], []
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.prompt_logprobs = None  # reported once per request, by the first sample
+        child.num_forks_left = 0
+        child.pending_forks = []
+        child.generator = None
+        if self.detokenizer is not None:
+            child.detokenizer = self.detokenizer.copy()
+        return child
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.params.seed
+        return None if seed is None else seed + self.sample_index
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt's token ids as an int64 array (built once)."""
+        if self._prompt_array is None:
+            self._prompt_array = np.asarray(self.token_ids[: self.num_prompt_tokens], np.int64)
+        return self._prompt_array
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to record (the prompt must be computed, not served from cache)."""
+        return (
+            self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -18,8 +19,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
-def decode_tokens(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool) -> str:
-    return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+def decode_tokens(
+    tokenizer: Any,
+    token_ids: list[int],
+    skip_special_tokens: bool,
+    spaces_between_special_tokens: bool = True,
+) -> str:
+    if spaces_between_special_tokens:
+        return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode(
+        token_ids, skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=False
+    )
 
 
 class IncrementalDetokenizer:
@@ -28,9 +38,15 @@ class IncrementalDetokenizer:
     Decodes a short window (from ``prefix_offset``) so that byte-level tokens that only form a
     character together are emitted once complete (a trailing U+FFFD means: wait)."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        self.spaces = spaces_between_special_tokens
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -39,11 +55,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""
         self.token_ids.append(token_id)
-        prefix = self.tokenizer.decode(
-            self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip
-        )
-        full = self.tokenizer.decode(
-            self.token_ids[self.prefix_offset :], skip_special_tokens=self.skip
+        window = self.token_ids[self.prefix_offset : self.read_offset]
+        prefix = decode_tokens(self.tokenizer, window, self.skip, self.spaces)
+        full = decode_tokens(
+            self.tokenizer, self.token_ids[self.prefix_offset :], self.skip, self.spaces
         )
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
@@ -52,3 +67,9 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.text += delta
         return delta
+
+    def copy(self) -> IncrementalDetokenizer:
+        """An independent twin sharing the tokenizer (for a forked sequence)."""
+        twin = copy.copy(self)
+        twin.token_ids = list(self.token_ids)
+        return twin

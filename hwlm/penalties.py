@@ -1,0 +1,91 @@
+"""Repetition, frequency and presence penalties for a batch, in batched torch ops (vLLM's rules).
+
+- repetition_penalty r (> 0): for every token seen in the prompt or the output so far, a positive
+  logit is divided by r and a negative one multiplied by r (r > 1 discourages repeats).
+- frequency_penalty f: ``logit -= f * count``, count = occurrences in the output so far.
+- presence_penalty p: ``logit -= p`` once for every token present in the output so far.
+
+Applied in that order. Token counts come from one ``scatter_add`` of padded token-id tensors into a
+``[batch, vocab + 1]`` tensor; the padding id is ``vocab`` (the extra column, dropped after).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hwlm.sequence import Sequence
+
+
+@dataclass
+class PenaltyTensors:
+    output_ids: torch.Tensor  # int64 [batch, max_output_len], padded with vocab_size
+    prompt_ids: torch.Tensor | None  # int64 [batch, max_prompt_len]; None: no repetition penalty
+    repetition: torch.Tensor  # float [batch]
+    frequency: torch.Tensor  # float [batch]
+    presence: torch.Tensor  # float [batch]
+
+    @classmethod
+    def build(
+        cls, seqs: list[Sequence], vocab_size: int, device: torch.device
+    ) -> PenaltyTensors | None:
+        """The penalty inputs of this batch, or None when no sequence uses a penalty."""
+        params = [s.params for s in seqs]
+        if not any(p.has_penalties for p in params):
+            return None
+        active = [p.has_penalties for p in params]
+        outputs = [
+            np.asarray(s.output_token_ids, np.int64) if on else _EMPTY
+            for s, on in zip(seqs, active, strict=True)
+        ]
+        prompt_ids = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            prompts = [
+                s.prompt_array if p.repetition_penalty != 1.0 else _EMPTY
+                for s, p in zip(seqs, params, strict=True)
+            ]
+            prompt_ids = _padded(prompts, vocab_size, device)
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).to(device)
+
+        return cls(
+            output_ids=_padded(outputs, vocab_size, device),
+            prompt_ids=prompt_ids,
+            repetition=column("repetition_penalty"),
+            frequency=column("frequency_penalty"),
+            presence=column("presence_penalty"),
+        )
+
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+def _padded(rows: list[np.ndarray], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), width), pad, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out).to(device)
+
+
+def token_counts(ids: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[batch, vocab]`` occurrence counts of the ids in each row (padding = vocab_size)."""
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=dtype, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=dtype))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, t: PenaltyTensors) -> torch.Tensor:
+    """Penalised copy of ``logits`` [batch, vocab]; rows with neutral values are unchanged."""
+    vocab = logits.shape[1]
+    output_counts = token_counts(t.output_ids, vocab, logits.dtype)
+    output_mask = output_counts > 0
+    if t.prompt_ids is not None:
+        seen = output_mask | (token_counts(t.prompt_ids, vocab, logits.dtype) > 0)
+        scale = torch.where(seen, t.repetition[:, None], 1.0)
+        logits = torch.where(logits > 0, logits / scale, logits * scale)
+    logits = logits - t.frequency[:, None] * output_counts
+    return logits - t.presence[:, None] * output_mask.to(logits.dtype)
