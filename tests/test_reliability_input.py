@@ -84,7 +84,13 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("token id over vocab", CMPL, {"prompt": [5, 100000]}, 400, "prompt"),
     ("token id negative", CMPL, {"prompt": [5, -1]}, 400, "prompt"),
     ("body over limit", CMPL, {"prompt": "x" * (MAX_BYTES + 1)}, 413, None),
-    ("too many stop strings", CMPL, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    (
+        "too many stop strings",
+        CMPL,
+        {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "stop",
+    ),
     ("logprobs over max", CMPL, {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     (
         "top_logprobs over max",
@@ -126,7 +132,9 @@ def test_chunked_body_over_limit_gets_413(server: str) -> None:
             yield b"x" * 1024
         yield b'"}'
 
-    r = httpx.post(f"{server}{CMPL}", content=chunks(), headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        f"{server}{CMPL}", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413, r.text
     assert r.json()["error"]["message"]
     assert httpx.get(f"{server}/health").status_code == 200
