@@ -458,13 +458,22 @@ ERROR_CASES = [
     ("negative temperature", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
     ("prompt too long", "/v1/completions", {"prompt": list(range(3, 3 + MAX_MODEL_LEN + 5))}, 400),
-    ("n=2", "/v1/completions", {"prompt": "hi", "n": 2}, 400),
-    ("empty prompt list", "/v1/completions", {"prompt": []}, 400),
-    ("stop strings", "/v1/completions", {"prompt": "hi", "stop": ["\n"]}, 400),
     (
-        "chat n=2",
+        "prompt plus max_tokens too long",
+        "/v1/completions",
+        {"prompt": list(range(3, 3 + MAX_MODEL_LEN - 10)), "max_tokens": 20},
+        400,
+    ),
+    ("n=0", "/v1/completions", {"prompt": "hi", "n": 0}, 400),
+    ("best_of < n", "/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, 400),
+    ("presence_penalty 3", "/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400),
+    ("logit_bias 500", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, 400),
+    ("empty stop string", "/v1/completions", {"prompt": "hi", "stop": [""]}, 400),
+    (
+        "chat n=0",
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 0},
         400,
     ),
     ("chat no messages", "/v1/chat/completions", {"messages": []}, 400),
@@ -496,8 +505,11 @@ def test_errors_are_openai_bodies_and_the_server_survives(
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if name == "prompt too long":
         assert str(MAX_MODEL_LEN) in error["message"]
-    if name == "n=2":
-        assert "n=2" in error["message"]
+    if name == "prompt plus max_tokens too long":
+        message = f"maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+        assert message in error["message"] and error["param"] == "max_tokens"
+    if name in ("n=0", "presence_penalty 3", "logit_bias 500"):
+        assert error["param"] == name.split()[0].split("=")[0], error
     ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
 

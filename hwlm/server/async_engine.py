@@ -176,6 +176,8 @@ class AsyncLLMEngine:
         self.engine = engine  # touch only from the engine thread, except immutable config
         self.tokenizer = engine.tokenizer  # for chat templates (pure Python, no tokenization)
         self.max_model_len: int = engine.config.max_model_len
+        # The model's generation_config.json sampling defaults (SamplingParams field -> value).
+        self.sampling_defaults: dict[str, Any] = dict(getattr(engine, "sampling_defaults", {}))
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # guards _streams and _error

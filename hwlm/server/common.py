@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
@@ -48,14 +49,18 @@ def check_context_length(
 
 
 def sampling_params(
-    request: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    request: SamplingRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+    defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
-    """The request's SamplingParams; 400 for anything unsupported or out of range."""
+    """The request's SamplingParams, ``defaults`` filling its unset fields; 400 for anything
+    unsupported or out of range."""
     problem = request.unsupported()
     if problem is not None:
         raise APIError(problem[0], param=problem[1])
     try:
-        return request.sampling_params(max_tokens, logprobs)
+        return request.sampling_params(max_tokens, logprobs, defaults)
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         words = str(exc).split()
         param = words[0] if words and words[0] in type(request).model_fields else None

@@ -1,13 +1,14 @@
 """Pydantic models of the OpenAI request and response bodies (with vLLM's extra fields).
 
-Unknown request fields are ignored, as OpenAI and vLLM do. Fields that OpenAI defines but hwlm
-cannot honour yet (stop strings, penalties, tools, ...) are accepted only at their neutral value:
-``SamplingRequest.unsupported()`` names the first one set otherwise, and the server answers 400
+Unknown request fields are ignored, as OpenAI and vLLM do. Sampling fields go to ``SamplingParams``
+under vLLM's names; fields hwlm cannot honour (tools, suffix, ...) are accepted only at their
+neutral value: ``unsupported()`` names the first one set otherwise, and the server answers 400
 rather than silently ignoring it. Value ranges are checked by ``SamplingParams`` itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Literal
@@ -55,47 +56,77 @@ class SamplingRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extras
+    best_of: int | None = None
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    repetition_penalty: float | None = None
+    spaces_between_special_tokens: bool = True
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(message, field) for the first field set to something hwlm cannot do yet, else None."""
-        if self.n != 1:
-            return f"n={self.n} is not supported: only n=1 is", "n"
-        if self.stop:
-            return "stop strings are not supported yet; use stop_token_ids", "stop"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                return f"{name} is not supported yet", name
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty is not supported yet", "repetition_penalty"
-        if self.logit_bias:
-            return "logit_bias is not supported yet", "logit_bias"
+        """(message, field) for the first field set to something hwlm cannot do, else None."""
         return None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError for out-of-range values (SamplingParams validates)."""
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            seed=self.seed,
-            max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos,
-            stop_token_ids=list(self.stop_token_ids or []),
-            logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
-        )
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        defaults: dict[str, Any] | None = None,
+    ) -> SamplingParams:
+        """The request's SamplingParams; fields it leaves unset take ``defaults`` (the model's
+        generation_config), then SamplingParams' own. Raises ValueError for out-of-range
+        values (SamplingParams validates)."""
+        values: dict[str, Any] = {
+            **{name: getattr(self, name) for name in _PASSED_THROUGH},
+            "max_tokens": max_tokens,
+            "logprobs": logprobs,
+        }
+        for name, value in (defaults or {}).items():
+            if values.get(name) is None:
+                values[name] = value
+        kwargs = {k: v for k, v in values.items() if v is not None}
+        kwargs["max_tokens"] = values["max_tokens"]  # None: up to max_model_len
+        return SamplingParams(**kwargs)
+
+
+# Request fields passed to SamplingParams under the same name (those it has).
+_PASSED_THROUGH = tuple(
+    name
+    for name in (
+        "n",
+        "best_of",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "bad_words",
+        "allowed_token_ids",
+        "prompt_logprobs",
+        "min_tokens",
+        "ignore_eos",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+    )  # fmt: skip
+    if name in {f.name for f in dataclasses.fields(SamplingParams)}
+)
 
 
 class CompletionRequest(SamplingRequest):
@@ -103,12 +134,9 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.best_of not in (None, 1):
-            return "best_of is not supported yet", "best_of"
         if self.suffix:
             return "suffix is not supported", "suffix"
         if self.echo and self.logprobs is not None:

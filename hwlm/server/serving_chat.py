@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request (n=1)."""
+"""POST /v1/chat/completions: the chat template, then one engine request with ``n`` samples."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from hwlm.outputs import CompletionOutput
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from hwlm.server.chat_utils import apply_chat_template
+from hwlm.server.choice_stream import ChoiceTracker
 from hwlm.server.common import (
     check_context_length,
     check_logprobs,
@@ -41,7 +42,6 @@ from hwlm.server.streaming import (
     final_outputs,
     merge_streams,
     sse,
-    text_delta,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ async def create_chat_completion(
     max_tokens = request.max_completion_tokens
     if max_tokens is None:
         max_tokens = request.max_tokens
-    params = sampling_params(request, max_tokens, logprobs)
+    params = sampling_params(request, max_tokens, logprobs, engine.sampling_defaults)
     text = apply_chat_template(
         engine.tokenizer, request.messages, request.add_generation_prompt, chat_template
     )
@@ -83,16 +83,19 @@ async def create_chat_completion(
         outputs = await cancel_on_disconnect(raw, final_outputs(streams))
     finally:
         abort_all(streams)
-    completion = outputs[0].outputs[0]
-    choice = ChatChoice(
-        index=0,
-        message=ChatResponseMessage(content=completion.text),
-        logprobs=_logprobs(completion, 0, request.top_logprobs if request.logprobs else None),
-        finish_reason=completion.finish_reason,
-        stop_reason=completion.stop_reason,
-    )
+    top_n = (request.top_logprobs or 0) if request.logprobs else None
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=completion.text),
+            logprobs=_logprobs(completion, 0, top_n),
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+        for i, completion in enumerate(outputs[0].outputs)
+    ]
     response = ChatCompletionResponse(
-        id=request_id, model=served_model_name, choices=[choice], usage=usage(outputs)
+        id=request_id, model=served_model_name, choices=choices, usage=usage(outputs)
     )
     return JSONResponse(response.model_dump())
 
@@ -115,30 +118,24 @@ async def _stream(
         body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices)
         return sse(body.model_dump_json(exclude=exclude))
 
-    sent_text, sent_tokens = "", 0
+    tracker = ChoiceTracker(request.n, token_updates=top_n is not None)
     try:
-        yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+        for i in range(request.n):
+            role = DeltaMessage(role="assistant", content="")
+            yield chunk([ChatStreamChoice(index=i, delta=role)])
         last = None
         async for _, output in merge_streams(streams):
             last = output
-            completion = output.outputs[0]
-            delta = text_delta(sent_text, completion.text)
-            new_tokens = len(completion.token_ids) > sent_tokens
-            if (
-                not delta
-                and not completion.finish_reason
-                and not (new_tokens and top_n is not None)
-            ):
-                continue
-            choice = ChatStreamChoice(
-                index=0,
-                delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
-                logprobs=_logprobs(completion, sent_tokens, top_n),
-                finish_reason=completion.finish_reason,
-                stop_reason=completion.stop_reason,
-            )
-            sent_text, sent_tokens = completion.text, len(completion.token_ids)
-            yield chunk([choice])
+            for update in tracker.updates(0, output):
+                completion = update.completion
+                choice = ChatStreamChoice(
+                    index=update.index,
+                    delta=DeltaMessage(content=update.delta) if update.delta else DeltaMessage(),
+                    logprobs=_logprobs(completion, update.start_token, top_n),
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                )
+                yield chunk([choice])
         if request.include_usage and last is not None:
             body = ChatCompletionChunk(
                 id=request_id, created=created, model=model, choices=[], usage=usage([last])

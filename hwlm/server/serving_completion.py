@@ -1,10 +1,10 @@
-"""POST /v1/completions: one engine request per prompt, one choice per prompt (n=1)."""
+"""POST /v1/completions: one engine request per prompt; ``n`` choices per prompt, choice
+``prompt_index * n + i`` holding sample ``i`` of that prompt (as OpenAI and vLLM number them)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 
 from hwlm.outputs import CompletionOutput, RequestOutput
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, PromptType, RequestStream
+from hwlm.server.choice_stream import ChoiceTracker
 from hwlm.server.common import (
     check_context_length,
     check_logprobs,
@@ -37,7 +38,6 @@ from hwlm.server.streaming import (
     final_outputs,
     merge_streams,
     sse,
-    text_delta,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ async def create_completion(
 ) -> Response:
     check_model(request.model, served_model_name)
     check_logprobs(request.logprobs, "logprobs")
-    params = sampling_params(request, request.max_tokens, request.logprobs)
+    params = sampling_params(
+        request, request.max_tokens, request.logprobs, engine.sampling_defaults
+    )
     prompts = await _tokenized(engine, _prompts(request.prompt), request.max_tokens)
     request_id = random_id("cmpl")
     streams = await add_requests(engine, request_id, prompts, params, stream=request.stream)
@@ -90,23 +92,32 @@ async def create_completion(
         outputs = await cancel_on_disconnect(raw, final_outputs(streams))
     finally:
         abort_all(streams)
-    choices = []
-    for index, output in enumerate(outputs):
-        completion = output.outputs[0]
-        prefix = await _echo(engine, output) if request.echo else ""
-        choices.append(
-            CompletionChoice(
-                index=index,
-                text=prefix + completion.text,
-                logprobs=_logprobs(completion, 0, request.logprobs, len(prefix)),
-                finish_reason=completion.finish_reason,
-                stop_reason=completion.stop_reason,
-            )
-        )
+    choices = [
+        await _choice(engine, request, prompt_index * request.n + i, output, completion)
+        for prompt_index, output in enumerate(outputs)
+        for i, completion in enumerate(output.outputs)
+    ]
     response = CompletionResponse(
         id=request_id, model=served_model_name, choices=choices, usage=usage(outputs)
     )
     return JSONResponse(response.model_dump())
+
+
+async def _choice(
+    engine: AsyncLLMEngine,
+    request: CompletionRequest,
+    index: int,
+    output: RequestOutput,
+    completion: CompletionOutput,
+) -> CompletionChoice:
+    prefix = await _echo(engine, output) if request.echo else ""
+    return CompletionChoice(
+        index=index,
+        text=prefix + completion.text,
+        logprobs=_logprobs(completion, 0, request.logprobs, len(prefix)),
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
 
 
 async def _echo(engine: AsyncLLMEngine, output: RequestOutput) -> str:
@@ -127,16 +138,6 @@ def _logprobs(
     )
 
 
-@dataclass
-class _ChoiceState:
-    """What one streamed choice has sent so far."""
-
-    text: str = ""  # engine text sent (without the echoed prompt)
-    num_tokens: int = 0
-    offset: int = 0  # characters sent, echo included
-    started: bool = False
-
-
 async def _stream(
     engine: AsyncLLMEngine,
     model: str,
@@ -145,41 +146,29 @@ async def _stream(
     streams: list[RequestStream],
 ) -> AsyncIterator[str]:
     created = now()
-    states = [_ChoiceState() for _ in streams]
+    tracker = ChoiceTracker(request.n, token_updates=request.logprobs is not None)
     last: list[RequestOutput | None] = [None] * len(streams)
+    echoes: dict[int, str] = {}  # prompt index -> its echoed text
     try:
-        async for index, output in merge_streams(streams):
-            last[index] = output
-            state = states[index]
-            completion = output.outputs[0]
-            prefix = await _echo(engine, output) if request.echo and not state.started else ""
-            delta = prefix + text_delta(state.text, completion.text)
-            new_tokens = len(completion.token_ids) > state.num_tokens
-            if (
-                not delta
-                and not completion.finish_reason
-                and not (new_tokens and request.logprobs is not None)
-            ):
-                continue
-            choice = CompletionChoice(
-                index=index,
-                text=delta,
-                logprobs=_logprobs(
-                    completion, state.num_tokens, request.logprobs, state.offset + len(prefix)
-                ),
-                finish_reason=completion.finish_reason,
-                stop_reason=completion.stop_reason,
-            )
-            state.text, state.num_tokens, state.started = (
-                completion.text,
-                len(completion.token_ids),
-                True,
-            )
-            state.offset += len(delta)
-            chunk = CompletionResponse(
-                id=request_id, created=created, model=model, choices=[choice]
-            )
-            yield sse(chunk.model_dump_json(exclude={"usage"}))
+        async for prompt_index, output in merge_streams(streams):
+            last[prompt_index] = output
+            if request.echo and prompt_index not in echoes:
+                echoes[prompt_index] = await _echo(engine, output)
+            echo = echoes.get(prompt_index, "")
+            for update in tracker.updates(prompt_index, output):
+                completion = update.completion
+                offset = len(echo) + update.chars_before  # where the delta starts
+                choice = CompletionChoice(
+                    index=update.index,
+                    text=(echo if update.first else "") + update.delta,
+                    logprobs=_logprobs(completion, update.start_token, request.logprobs, offset),
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                )
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=model, choices=[choice]
+                )
+                yield sse(chunk.model_dump_json(exclude={"usage"}))
         if request.include_usage:
             finished = [o for o in last if o is not None]
             chunk = CompletionResponse(
