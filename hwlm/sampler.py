@@ -66,8 +66,26 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Temperature, min_p, top-k, top-p, then one draw per row (greedy rows are drawn too; the
-    caller replaces them)."""
+    """One draw per row from its truncated distribution (greedy rows are drawn too; the caller
+    replaces them)."""
+    values, ids = truncate(logits, seqs)
+    noise = _noise(seqs, values.shape, logits.shape[1], logits.device, ids)
+    choice = (values.softmax(dim=-1) / noise).argmax(dim=-1)
+    return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
+
+
+def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The [batch, vocab] distribution ``sample`` draws from (for inspection and tests)."""
+    values, ids = truncate(logits.float(), seqs)
+    probs = values.softmax(dim=-1)
+    return probs if ids is None else torch.zeros_like(logits).float().scatter(1, ids, probs)
+
+
+def truncate(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, min_p, top-k, top-p. Returns candidate logits (-inf where masked) and their
+    token ids, or (all logits, None) when no row truncates by rank."""
     device = logits.device
     params = [s.params for s in seqs]
     temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
@@ -75,13 +93,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(p.min_p > 0 for p in params):
         logits = apply_min_p(logits, [p.min_p for p in params])
     vocab = logits.shape[1]
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     if any(p.top_p < 1.0 for p in params) or min(top_k) < vocab:
-        values, ids = top_k_top_p(logits, top_k, [p.top_p for p in params])
-        noise = _noise(seqs, ids.shape, vocab, device, ids)
-        return ids.gather(1, (values.softmax(dim=-1) / noise).argmax(dim=-1, keepdim=True))[:, 0]
-    noise = _noise(seqs, logits.shape, vocab, device, None)
-    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+        return top_k_top_p(logits, top_k, [p.top_p for p in params])
+    return logits, None
 
 
 def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
