@@ -5,27 +5,90 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 DEFAULT_MODEL = "hwlm-tiny"
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, rocm, a plugin name, or auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+    """The engine's flags, named as vLLM names them (shared by generate, serve and chat)."""
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--device", default="auto", help="cpu, cuda, rocm, a plugin name, or auto (default: auto)"
     )
-    parser.add_argument("--memory-utilization", "--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument(
-        "--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"]
+    engine.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights and activations: auto (the model's, if the device supports it), float32, "
+        "float16 or bfloat16",
     )
-    parser.add_argument("--tokenizer", default=None)
+    engine.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    engine.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length, prompt plus output (default: the model's max_position_embeddings)",
+    )
+    engine.add_argument(
+        "--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)"
+    )
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of one step; longer prompts are prefilled in chunks "
+        "(default: max(8192, max-num-seqs))",
+    )
+    engine.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)"
+    )
+    engine.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of shared prompt prefixes (default: on)",
+    )
+    engine.add_argument(
+        "--memory-utilization",
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of device memory (of HWLM_CPU_KVCACHE_SPACE on the CPU) for weights and "
+        "KV cache (default: 0.9)",
+    )
+    engine.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks to allocate, overriding the memory budget",
+    )
+    engine.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "safetensors", "pt", "dummy"],
+        help="weights format; dummy: random weights from the model's config (default: auto)",
+    )
+    engine.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)"
+    )
+    engine.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never capture decode graphs (always run eagerly)",
+    )
+
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` after the subcommand too (``hwlm serve --log-level debug``), as vLLM
+    takes it; left unset, the top-level value stands."""
+    if "--log-level" not in parser._option_string_actions:
+        parser.add_argument(
+            "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="logging level"
+        )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -42,15 +105,19 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks=args.num_kv_blocks,
         load_format=args.load_format,
         tokenizer=args.tokenizer,
+        enforce_eager=args.enforce_eager,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwlm", description="Serve and run LLMs on any hardware.")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="logging level; also accepted after the subcommand (default: info)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     devices = sub.add_parser("devices", help="list the known backends and whether each is usable")
     devices.add_argument(
@@ -58,19 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     devices.set_defaults(func=_devices)
 
-    gen = sub.add_parser("generate", help="generate text for one prompt and print it")
-    gen.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    gen.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help="folder, hub id or preset (hwlm-tiny)"
+    )
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--max-tokens", type=int, default=64, help="(default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 disables it (default: 0)")
     _add_engine_arguments(gen)
     gen.set_defaults(func=_generate)
 
+    from hwlm.chat_cli import add_chat_parser
     from hwlm.server.cli import add_serve_parser
 
     add_serve_parser(sub, _add_engine_arguments, _engine_kwargs)
+    add_chat_parser(sub, _add_engine_arguments, _engine_kwargs)
+    for subparser in sub.choices.values():
+        _add_log_level(subparser)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -116,9 +189,21 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens
     )
-    out = llm.generate(args.prompt, params, use_tqdm=False)[0]
-    print(args.prompt + out.outputs[0].text)
+    print(args.prompt, end="", flush=True)
+    sent = ""
+    for text in _stream_text(llm.engine, args.prompt, params):
+        print(text[len(sent) :] if text.startswith(sent) else text, end="", flush=True)
+        sent = text
+    print()
     return 0
+
+
+def _stream_text(engine: Any, prompt: str, params: Any) -> Iterator[str]:
+    """The completion's text after each step (cumulative), ending with the final text."""
+    engine.add_request("generate-0", prompt, params, stream=True)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            yield output.outputs[0].text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,15 @@ def add_serve_parser(
     """Register ``serve [MODEL]`` with ``vllm serve``'s flag names; with ``engine_kwargs`` (the
     namespace -> engine keyword arguments function) it also sets the command's ``func``."""
     serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    serve.add_argument("--host", default="localhost")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"folder, hub id or preset (default: {DEFAULT_MODEL}, a built-in model with dummy "
+        "weights that needs no download)",
+    )
+    serve.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument(
         "--api-key",
         default=None,
@@ -42,9 +48,22 @@ def add_serve_parser(
         "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
     )
     serve.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template for /v1/chat/completions: a file, or the template itself "
+        "(default: the tokenizer's)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=argparse.SUPPRESS,
+        help="hwlm's logging level (default: info)",
+    )
+    serve.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's logging level, access log included (default: info)",
     )
     add_server_options(serve)
     add_engine_arguments(serve)
@@ -87,13 +106,20 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
     from hwlm.engine import EngineArgs, LLMEngine
     from hwlm.server.api import build_app
     from hwlm.server.async_engine import AsyncLLMEngine
+    from hwlm.server.chat_utils import load_chat_template
 
+    chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served_model_name = args.served_model_name or args.model
     engine = AsyncLLMEngine(LLMEngine(EngineArgs(model=args.model, **engine_kwargs)))
     try:
         app = build_app(
-            engine, served_model_name, api_key, server_limits(args), cors_settings(args)
+            engine,
+            served_model_name,
+            api_key,
+            server_limits(args),
+            cors_settings(args),
+            chat_template=chat_template,
         )
         config = uvicorn.Config(
             app,
