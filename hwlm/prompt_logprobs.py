@@ -40,7 +40,7 @@ def _record(
     assert seq.prompt_logprobs is not None
     first = seq.num_computed_tokens  # position of the chunk's first token
     lo = max(first + 1, len(seq.prompt_logprobs))  # first target position still missing
-    hi = min(first + hidden.shape[0], seq.num_prompt_tokens)  # one past the last target
+    hi = min(first + hidden.shape[0] + 1, seq.num_prompt_tokens)  # one past the last target
     if lo >= hi or lo != len(seq.prompt_logprobs):
         return
     logprobs = torch.log_softmax(
