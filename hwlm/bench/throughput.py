@@ -70,11 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workload", choices=sorted(WORKLOADS), help="a named workload (sets the rest)"
     )
     parser.add_argument("--model", default="c1-llama", help="preset name or model folder")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len-min", type=int, default=32)
-    parser.add_argument("--input-len-max", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, rocm, a plugin, or auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--num-prompts", type=int, default=32, help="requests (default: 32)")
+    parser.add_argument(
+        "--input-len-min", type=int, default=32, help="shortest prompt, tokens (default: 32)"
+    )
+    parser.add_argument(
+        "--input-len-max", type=int, default=256, help="longest prompt, tokens (default: 256)"
+    )
     parser.add_argument(
         "--output-len", type=int, default=64, help="output tokens per request (the maximum)"
     )
@@ -86,9 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="most sequences per batch (default: 256)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
+    )
     parser.add_argument(
         "--compare-hf",
         action="store_true",

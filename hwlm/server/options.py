@@ -41,10 +41,18 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "Retry-After (0: no limit; default: 1024)",
     )
     cors = parser.add_argument_group("CORS (off unless --allowed-origins is given)")
-    cors.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN")
-    cors.add_argument("--allowed-methods", nargs="*", default=["*"], metavar="METHOD")
-    cors.add_argument("--allowed-headers", nargs="*", default=["*"], metavar="HEADER")
-    cors.add_argument("--allow-credentials", action="store_true")
+    cors.add_argument(
+        "--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="origins allowed"
+    )
+    cors.add_argument(
+        "--allowed-methods", nargs="*", default=["*"], metavar="METHOD", help="(default: *)"
+    )
+    cors.add_argument(
+        "--allowed-headers", nargs="*", default=["*"], metavar="HEADER", help="(default: *)"
+    )
+    cors.add_argument(
+        "--allow-credentials", action="store_true", help="allow cookies and auth headers"
+    )
     parser.add_argument(
         "--shutdown-timeout",
         type=float,
