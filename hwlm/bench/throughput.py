@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hwlm.bench.hf_baselines import BaselineResult, make_prompts
+from hwlm.bench.sampling_modes import add_sampling_argument, sampling_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    add_sampling_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "--max-num-seqs", type=int, default=256, help="most sequences per batch (default: 256)"
@@ -219,7 +221,7 @@ def _run_hwlm(
         enforce_eager=args.enforce_eager,
     )
     params = [
-        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
+        SamplingParams(**sampling_kwargs(args), max_tokens=n, ignore_eos=True)
         for n in _output_lens(args)
     ]
     # Warm-up on two whole prompts: compiles the kernels for prefill and decode shapes.
