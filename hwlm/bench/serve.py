@@ -110,12 +110,13 @@ def random_prompts(num: int, input_len: int, seed: int) -> list[str]:
 
 
 def abort_plan(config: BenchConfig) -> dict[int, int]:
-    """Which requests to abandon, and after how many content chunks (at least one, so that the
-    abort happens mid-stream)."""
+    """Which requests to abandon, and after how many content chunks: at least one, so that the
+    abort happens mid-stream, and early in the stream, since a busy server may send several
+    tokens in one chunk (a request whose stream ends first completes instead)."""
     rng = random.Random(config.seed + 1)
     count = round(config.num_prompts * config.abort_fraction)
     chosen = rng.sample(range(config.num_prompts), count)
-    return {i: rng.randint(1, max(1, config.output_len // 2)) for i in chosen}
+    return {i: rng.randint(1, max(1, config.output_len // 4)) for i in chosen}
 
 
 async def run_benchmark(config: BenchConfig) -> BenchResult:
