@@ -523,6 +523,13 @@ def test_api_key(server: str) -> None:
     assert httpx.get(f"{server}/v1/models").status_code == 401
     good = {"Authorization": f"Bearer {API_KEY}"}
     assert httpx.post(f"{server}/v1/completions", json=body, headers=good).status_code == 200
+    openai = pytest.importorskip("openai")
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.models.list()
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    right = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    assert right.completions.create(model="hwlm-tiny", prompt="hi", max_tokens=2).choices
 
 
 # An in-process server, to look inside the engine after a disconnect -------------------------------
