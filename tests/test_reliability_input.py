@@ -140,6 +140,15 @@ def test_chunked_body_over_limit_gets_413(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+def test_cors_is_off_unless_configured(server: str) -> None:
+    """No --allowed-origins: no CORS headers, so browsers refuse cross-origin reads."""
+    headers = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    preflight = httpx.options(f"{server}{CMPL}", headers=headers)
+    assert not any(h.startswith("access-control-") for h in preflight.headers), preflight.headers
+    r = httpx.get(f"{server}/v1/models", headers={"Origin": "http://elsewhere.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 # Generated cases ---------------------------------------------------------------------------------
 
 schemathesis = pytest.importorskip("schemathesis")
