@@ -5,8 +5,10 @@
 - frequency_penalty f: ``logit -= f * count``, count = occurrences in the output so far.
 - presence_penalty p: ``logit -= p`` once for every token present in the output so far.
 
-Applied in that order. Token counts come from one ``scatter_add`` of padded token-id tensors into a
-``[batch, vocab + 1]`` tensor; the padding id is ``vocab`` (the extra column, dropped after).
+Applied in that order, sparsely: only the logits of tokens that occur are gathered and written
+back (``gather``/``scatter`` over padded ``[batch, length]`` token-id tensors), so the cost grows
+with the tokens seen, not with batch x vocabulary. The logits get one extra column that absorbs
+the padding id (``vocab``) and is dropped after.
 """
 
 from __future__ import annotations
@@ -71,21 +73,21 @@ def _padded(rows: list[np.ndarray], pad: int, device: torch.device) -> torch.Ten
     return torch.from_numpy(out).to(device)
 
 
-def token_counts(ids: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[batch, vocab]`` occurrence counts of the ids in each row (padding = vocab_size)."""
-    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=dtype, device=ids.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=dtype))
-    return counts[:, :vocab_size]
-
-
 def apply_penalties(logits: torch.Tensor, t: PenaltyTensors) -> torch.Tensor:
     """Penalised copy of ``logits`` [batch, vocab]; rows with neutral values are unchanged."""
-    vocab = logits.shape[1]
-    output_counts = token_counts(t.output_ids, vocab, logits.dtype)
-    output_mask = output_counts > 0
+    batch, vocab = logits.shape
+    ext = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
+    out_ids = t.output_ids
     if t.prompt_ids is not None:
-        seen = output_mask | (token_counts(t.prompt_ids, vocab, logits.dtype) > 0)
-        scale = torch.where(seen, t.repetition[:, None], 1.0)
-        logits = torch.where(logits > 0, logits / scale, logits * scale)
-    logits = logits - t.frequency[:, None] * output_counts
-    return logits - t.presence[:, None] * output_mask.to(logits.dtype)
+        seen = torch.cat([t.prompt_ids, out_ids], dim=1)
+        values = ext.gather(1, seen)
+        scale = t.repetition[:, None].to(logits.dtype)
+        # A token seen twice is written twice with the same value: no accumulation.
+        ext.scatter_(1, seen, torch.where(values > 0, values / scale, values * scale))
+    frequency = -t.frequency[:, None].to(logits.dtype)
+    ext.scatter_add_(1, out_ids, frequency.expand(out_ids.shape).contiguous())
+    sorted_ids = out_ids.sort(dim=1).values
+    first = torch.ones(sorted_ids.shape, dtype=logits.dtype, device=logits.device)
+    first[:, 1:] = (sorted_ids[:, 1:] != sorted_ids[:, :-1]).to(logits.dtype)
+    ext.scatter_add_(1, sorted_ids, -t.presence[:, None].to(logits.dtype) * first)
+    return ext[:, :vocab]

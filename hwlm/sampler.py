@@ -4,10 +4,12 @@ vLLM's order: token constraints (allowed tokens, bad words, min_tokens, logit_bi
 (repetition, frequency, presence), then greedy rows take the argmax and random rows go through
 temperature, min_p, top-k, top-p and sampling.
 
-Random rows draw by the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly
-from p. A seeded request draws its noise over the whole vocabulary from its own generator, so its
-output does not depend on what else is in the batch. Log-probabilities (of sampled tokens, of the
-top-N, and the ranks) are those of the raw model distribution, before any processing.
+Random rows draw by inversion: one uniform u per row, and the first token (in vocabulary order)
+whose cumulative probability exceeds u. That samples exactly from p with a single random number
+per row, and the vocabulary order makes a row's draw independent of how its candidates were found;
+a seeded request takes its u from its own generator, so its output does not depend on what else
+is in the batch. Log-probabilities (of sampled tokens, of the top-N, and the ranks) are those of
+the raw model distribution, before any processing.
 
 A sequence that forked this step (parallel sampling, see ``Sequence.pending_forks``) has its logits
 row repeated for each fork, so every sample draws its own first token.
@@ -41,14 +43,14 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = process_logits(logits, seqs)
-        tokens = logits.argmax(dim=-1)
         greedy = [s.params.greedy for s in seqs]
-        if not all(greedy):
-            sampled = sample(logits, seqs)
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = sample(logits, seqs)
             if any(greedy):
                 mask = torch.tensor(greedy, device=logits.device)
-                sampled = torch.where(mask, tokens, sampled)
-            tokens = sampled
+                tokens = torch.where(mask, logits.argmax(dim=-1), tokens)
         token_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
         top = top_logprobs(raw_logprobs, tokens, [s.params.logprobs for s in seqs])
         return SamplerOutput(tokens.tolist(), token_logprobs.tolist(), top, seqs)
@@ -67,11 +69,18 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One draw per row from its truncated distribution (greedy rows are drawn too; the caller
-    replaces them)."""
+    replaces them). Candidates are put in vocabulary order first, so a row's draw does not depend
+    on how many candidates the batch's other rows needed."""
     values, ids = truncate(logits, seqs)
-    noise = _noise(seqs, values.shape, logits.shape[1], logits.device, ids)
-    choice = (values.softmax(dim=-1) / noise).argmax(dim=-1)
-    return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
+    probs = values.softmax(dim=-1)
+    if ids is not None:
+        ids, order = ids.sort(dim=-1)
+        probs = probs.gather(1, order)
+    cdf = probs.cumsum(dim=-1)
+    threshold = _uniforms(seqs, logits.device).to(cdf.dtype) * cdf[:, -1]
+    pos = torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0]
+    pos = pos.clamp_(max=cdf.shape[1] - 1)  # u * total == total only by rounding
+    return pos if ids is None else ids.gather(1, pos[:, None])[:, 0]
 
 
 def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -88,13 +97,20 @@ def truncate(
     token ids, or (all logits, None) when no row truncates by rank."""
     device = logits.device
     params = [s.params for s in seqs]
-    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-    logits = logits / temps[:, None]
-    if any(p.min_p > 0 for p in params):
-        logits = apply_min_p(logits, [p.min_p for p in params])
+    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)[:, None]
     vocab = logits.shape[1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-    if any(p.top_p < 1.0 for p in params) or min(top_k) < vocab:
+    by_rank = any(p.top_p < 1.0 for p in params) or min(top_k) < vocab
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits / temps, [p.min_p for p in params])
+    elif by_rank and max(top_k) < vocab:
+        # A positive temperature keeps the ranking: pick the candidates first, then scale only
+        # them (the same result as scaling the whole vocabulary first, with less work).
+        values, ids = logits.topk(max(top_k), dim=-1)
+        return top_k_top_p(values / temps, top_k, [p.top_p for p in params], ids)
+    else:
+        logits = logits / temps
+    if by_rank:
         return top_k_top_p(logits, top_k, [p.top_p for p in params])
     return logits, None
 
@@ -108,13 +124,17 @@ def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
 
 
 def top_k_top_p(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``max(top_k)`` best logits of each row, best first, with their token ids; entries past
     a row's own top_k, then past its top_p mass (of the top-k renormalised distribution; the
-    best token always stays), are -inf."""
+    best token always stays), are -inf. With ``ids``, ``logits`` already are the sorted
+    candidates and ``ids`` their token ids."""
     device = logits.device
-    values, ids = logits.topk(max(top_k), dim=-1)
+    if ids is None:
+        values, ids = logits.topk(max(top_k), dim=-1)
+    else:
+        values = logits
     ranks = torch.arange(values.shape[1], device=device)[None, :]
     k = torch.tensor(top_k, device=device)[:, None]
     values = values.masked_fill(ranks >= k, float("-inf"))
@@ -126,21 +146,14 @@ def top_k_top_p(
     return values, ids
 
 
-def _noise(
-    seqs: list[Sequence],
-    shape: torch.Size,
-    vocab: int,
-    device: torch.device,
-    ids: torch.Tensor | None,
-) -> torch.Tensor:
-    """Exp(1) noise per candidate. A seeded row draws one value per vocabulary entry from its own
-    generator and picks those of its candidates (``ids``), whatever the batch's candidate count."""
-    noise = torch.empty(shape, device=device).exponential_()
+def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    """U[0, 1) per row (float64); a seeded row's comes from its own generator."""
+    u = torch.rand(len(seqs), dtype=torch.float64, device=device)
     for i, seq in enumerate(seqs):  # only seeded requests draw from their own generator
         if seq.params.seed is not None and not seq.params.greedy:
-            row = torch.empty(vocab, device=device).exponential_(generator=_generator(seq, device))
-            noise[i] = row if ids is None else row[ids[i]]
-    return noise
+            g = _generator(seq, device)
+            u[i] = torch.rand((), dtype=torch.float64, device=device, generator=g)
+    return u
 
 
 def top_logprobs(
