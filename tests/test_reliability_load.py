@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +31,18 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
-from hwlm.bench.serve import BenchConfig, random_prompts, run_benchmark  # noqa: E402
+from hwlm.bench.serve import (  # noqa: E402
+    BenchConfig,
+    _percentile_ms,
+    abort_plan,
+    random_prompts,
+    run_benchmark,
+)
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 from hwlm.server.admission import ServerLimits  # noqa: E402
 from hwlm.server.async_engine import AsyncLLMEngine  # noqa: E402
 from tests.reliability_servers import ServerProcess, ThreadedServer  # noqa: E402
-from tests.server_helpers import metric, parse_metrics  # noqa: E402
+from tests.server_helpers import ROOT, metric, parse_metrics  # noqa: E402
 
 MAX_MODEL_LEN = 256
 LOAD = dict(num_prompts=200, max_concurrency=64, abort_fraction=0.25, input_len=12, output_len=8)
@@ -118,32 +127,70 @@ def _wait_metrics_idle(url: str, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def test_load_with_aborts_is_correct_frees_every_block_and_keeps_memory_flat(
-    device: str, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def load_server(device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server process on torch's default dense path: the oneDNN one grows with every new
+    batch row count (docs/reliability.md, known issues); the reference runs the same path."""
     if device != "cpu":
         pytest.skip("runs on the CPU backend")
-    config = dict(LOAD)
-    prompts = random_prompts(config["num_prompts"], config["input_len"], seed=0)
     args = ["hwlm-tiny", "--device", device, "--max-model-len", str(MAX_MODEL_LEN)]
     args += ["--max-num-seqs", "64", "--num-kv-blocks", "256"]
-    rss: list[int] = []
-    # torch's default dense path: the oneDNN one grows with every new batch row count (see
-    # docs/reliability.md, known issues); the reference runs the same path.
+    log = tmp_path_factory.mktemp("load") / "server.log"
+    with _cpu_dense_path(onednn=False), ServerProcess(args, log) as server:
+        yield server
+
+
+def test_load_with_aborts_is_correct_frees_every_block_and_keeps_memory_flat(
+    device: str, load_server: ServerProcess
+) -> None:
+    config = dict(LOAD)
+    prompts = random_prompts(config["num_prompts"], config["input_len"], seed=0)
     with _cpu_dense_path(onednn=False):
         expected = _greedy(device, prompts, config["output_len"])
-        with ServerProcess(args, tmp_path / "server.log") as server:
-            assert server.proc is not None
-            process = psutil.Process(server.proc.pid)
-            for _ in range(3):
-                bench = BenchConfig(base_url=server.url, seed=0, **config)
-                result = asyncio.run(run_benchmark(bench))
-                _check_round(result.results, expected, config["output_len"])
-                _wait_metrics_idle(server.url)
-                rss.append(process.memory_info().rss)
-            assert httpx.get(f"{server.url}/health").status_code == 200
+    assert load_server.proc is not None
+    process = psutil.Process(load_server.proc.pid)
+    rss: list[int] = []
+    for _ in range(3):
+        bench = BenchConfig(base_url=load_server.url, seed=0, **config)
+        result = asyncio.run(run_benchmark(bench))
+        _check_round(result.results, expected, config["output_len"])
+        _wait_metrics_idle(load_server.url)
+        rss.append(process.memory_info().rss)
+    assert httpx.get(f"{load_server.url}/health").status_code == 200
     growth = rss[2] - rss[0]
     assert growth < RSS_TOLERANCE, f"resident memory grew {growth / 2**20:.1f} MiB: {rss}"
+
+
+def test_bench_serve_command(load_server: ServerProcess, tmp_path: Path) -> None:
+    """``hwlm bench serve`` at a Poisson rate with aborts: the report and its JSON."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "hwlm.cli", "bench", "serve", "--base-url", load_server.url]
+    argv += ["--num-prompts", "24", "--request-rate", "200", "--max-concurrency", "8"]
+    argv += ["--abort-fraction", "0.25", "--output-len", "8", "--output-json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for key in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "output_throughput"):
+        assert key in done.stdout
+    summary = json.loads(out.read_text())
+    assert summary["failed"] == 0 and 4 <= summary["aborted"] <= 6
+    assert summary["completed"] + summary["aborted"] == 24
+    assert summary["total_output_tokens"] == 8 * summary["completed"]
+    assert summary["ttft_ms_p50"] <= summary["ttft_ms_p99"]
+    assert summary["itl_ms_p50"] <= summary["itl_ms_p99"] and summary["output_throughput"] > 0
+    _wait_metrics_idle(load_server.url)
+
+
+def test_bench_prompts_and_aborts_are_seeded() -> None:
+    assert random_prompts(5, 7, seed=1) == random_prompts(5, 7, seed=1)
+    assert random_prompts(5, 7, seed=1) != random_prompts(5, 7, seed=2)
+    assert all(len(p.split()) == 7 for p in random_prompts(5, 7, seed=1))
+    config = BenchConfig(base_url="x", num_prompts=40, abort_fraction=0.25, output_len=8)
+    plan = abort_plan(config)
+    assert len(plan) == 10 and plan == abort_plan(config)
+    assert all(1 <= after <= 2 for after in plan.values())
+    assert _percentile_ms([0.003, 0.001, 0.002], 50) == pytest.approx(2.0)
+    assert _percentile_ms([0.0, 0.1], 99) == pytest.approx(99.0)
+    assert _percentile_ms([], 50) is None
 
 
 def _check_round(results: list[Any], expected: list[str], output_len: int) -> None:
