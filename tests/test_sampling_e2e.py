@@ -328,3 +328,17 @@ def test_spaces_between_special_tokens_reaches_the_tokenizer() -> None:
     decode_tokens(Recorder(), [1, 2], skip_special_tokens=False)
     assert calls[0]["spaces_between_special_tokens"] is False
     assert calls[1].get("spaces_between_special_tokens", True) is True
+
+
+def test_parallel_samples_survive_preemption(tiny: tuple) -> None:
+    """Too few KV blocks for all samples at once: some are preempted and recomputed; every
+    sample still finishes with the tokens its seed gives when blocks are plentiful."""
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=40, ignore_eos=True, seed=9)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(10, VOCAB, 30)]
+    roomy = LLM(str(tiny[0]), device="cpu", block_size=4, num_kv_blocks=200)
+    want = _generate(roomy, prompt, params).outputs
+    tight = LLM(str(tiny[0]), device="cpu", block_size=4, num_kv_blocks=30)
+    got = _generate(tight, prompt, params).outputs
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert tight.engine.block_manager.num_free_blocks == 30
