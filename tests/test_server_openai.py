@@ -224,6 +224,46 @@ def test_stop_strings_and_logit_bias_pass_through(client: Any, llm: Any) -> None
     assert first != llm.get_tokenizer().decode([banned])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_echo_with_logprobs(client: Any, llm: Any, stream: bool) -> None:
+    prompt = "The sky is blue"
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1, ignore_eos=True)
+    expected = llm.generate(prompt, params, use_tqdm=False)[0]
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, stream=stream,
+        extra_body={"ignore_eos": True}, **GREEDY,
+    )  # fmt: skip
+    if stream:
+        chunks = list(response)
+        text = _texts_by_index(chunks, chat=False)[0]
+        values = [v for ch in chunks for v in (ch.choices[0].logprobs.token_logprobs or [])]
+    else:
+        text = response.choices[0].text
+        values = response.choices[0].logprobs.token_logprobs
+    assert text == prompt + expected.outputs[0].text
+    num_prompt = len(expected.prompt_token_ids)
+    assert len(values) == num_prompt + 3 and values[0] is None
+    scored = expected.prompt_logprobs
+    pairs = zip(expected.prompt_token_ids[1:], scored[1:], values[1:num_prompt], strict=True)
+    for token_id, entry, value in pairs:
+        assert value == pytest.approx(entry[token_id].logprob, abs=1e-4)
+
+
+def test_echo_only_scores_the_prompt(client: Any, llm: Any) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens 0."""
+    prompt = "Paris is the capital of France"
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0
+    )
+    choice = response.choices[0]
+    assert choice.text == prompt
+    assert response.usage.completion_tokens == 0
+    num_prompt = response.usage.prompt_tokens
+    assert len(choice.logprobs.token_logprobs) == num_prompt
+    assert choice.logprobs.token_logprobs[0] is None
+    assert all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
+
+
 # Concurrency ----------------------------------------------------------------------------------
 
 

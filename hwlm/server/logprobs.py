@@ -8,6 +8,7 @@ JSON has no infinities.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from hwlm.outputs import Logprob
 from hwlm.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
@@ -30,12 +31,26 @@ def _top(entry: dict[int, Logprob], top_n: int) -> list[tuple[int, Logprob]]:
 
 
 def completion_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int, text_offset: int
+    token_ids: Sequence[int],
+    entries: Sequence[dict[int, Logprob] | None],
+    top_n: int,
+    text_offset: int,
+    unscored: dict[int, str] | None = None,
 ) -> CompletionLogprobs:
     """Completions' ``logprobs`` for these tokens; ``text_offset`` is where the first one starts
-    in the choice's text. ``top_logprobs`` holds the top ``top_n`` plus the sampled token."""
+    in the choice's text. ``top_logprobs`` holds the top ``top_n`` plus the sampled token. A None
+    entry (an echoed prompt's first token, which nothing predicts) gets null logprobs and its
+    text from ``unscored``."""
     out = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries, strict=False):
+        if entry is None:
+            token = (unscored or {}).get(token_id, "")
+            out.tokens.append(token)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+            continue
         sampled = entry[token_id]
         token = _token(sampled)
         out.tokens.append(token)

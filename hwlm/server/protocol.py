@@ -139,8 +139,6 @@ class CompletionRequest(SamplingRequest):
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix is not supported", "suffix"
-        if self.echo and self.logprobs is not None:
-            return "echo with logprobs is not supported yet (it needs prompt logprobs)", "echo"
         return super().unsupported()
 
 

@@ -20,6 +20,13 @@ from hwlm.server.common import (
     sampling_params,
     usage,
 )
+from hwlm.server.echo import (
+    ask_prompt_logprobs,
+    concat_logprobs,
+    echo_logprobs,
+    echo_only,
+    echo_text,
+)
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import completion_logprobs
 from hwlm.server.protocol import (
@@ -75,9 +82,11 @@ async def create_completion(
 ) -> Response:
     check_model(request.model, served_model_name)
     check_logprobs(request.logprobs, "logprobs")
-    params = sampling_params(
-        request, request.max_tokens, request.logprobs, engine.sampling_defaults
-    )
+    if echo_only(request) and request.stream:
+        raise APIError("max_tokens=0 (echo only) needs stream=false", param="max_tokens")
+    max_tokens = 1 if echo_only(request) else request.max_tokens  # the token is dropped
+    params = sampling_params(request, max_tokens, request.logprobs, engine.sampling_defaults)
+    ask_prompt_logprobs(request, params)
     prompts = await _tokenized(engine, _prompts(request.prompt), request.max_tokens)
     request_id = random_id("cmpl")
     streams = await add_requests(engine, request_id, prompts, params, stream=request.stream)
@@ -97,8 +106,11 @@ async def create_completion(
         for prompt_index, output in enumerate(outputs)
         for i, completion in enumerate(output.outputs)
     ]
+    tokens = usage(outputs)
+    if echo_only(request):
+        tokens.completion_tokens, tokens.total_tokens = 0, tokens.prompt_tokens
     response = CompletionResponse(
-        id=request_id, model=served_model_name, choices=choices, usage=usage(outputs)
+        id=request_id, model=served_model_name, choices=choices, usage=tokens
     )
     return JSONResponse(response.model_dump())
 
@@ -110,20 +122,30 @@ async def _choice(
     output: RequestOutput,
     completion: CompletionOutput,
 ) -> CompletionChoice:
-    prefix = await _echo(engine, output) if request.echo else ""
+    if not request.echo:
+        logprobs = _logprobs(completion, 0, request.logprobs, 0)
+        return CompletionChoice(
+            index=index,
+            text=completion.text,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+    prefix = await echo_text(engine, output)
+    prompt_lp = await echo_logprobs(engine, output, request.logprobs)
+    if echo_only(request):
+        return CompletionChoice(
+            index=index, text=prefix, logprobs=prompt_lp, finish_reason="length"
+        )
     return CompletionChoice(
         index=index,
         text=prefix + completion.text,
-        logprobs=_logprobs(completion, 0, request.logprobs, len(prefix)),
+        logprobs=concat_logprobs(
+            prompt_lp, _logprobs(completion, 0, request.logprobs, len(prefix))
+        ),
         finish_reason=completion.finish_reason,
         stop_reason=completion.stop_reason,
     )
-
-
-async def _echo(engine: AsyncLLMEngine, output: RequestOutput) -> str:
-    if output.prompt is not None:
-        return output.prompt
-    return await engine.detokenize(output.prompt_token_ids)
 
 
 def _logprobs(
@@ -153,15 +175,19 @@ async def _stream(
         async for prompt_index, output in merge_streams(streams):
             last[prompt_index] = output
             if request.echo and prompt_index not in echoes:
-                echoes[prompt_index] = await _echo(engine, output)
+                echoes[prompt_index] = await echo_text(engine, output)
             echo = echoes.get(prompt_index, "")
             for update in tracker.updates(prompt_index, output):
                 completion = update.completion
                 offset = len(echo) + update.chars_before  # where the delta starts
+                logprobs = _logprobs(completion, update.start_token, request.logprobs, offset)
+                if request.echo and update.first:
+                    prompt_lp = await echo_logprobs(engine, output, request.logprobs)
+                    logprobs = concat_logprobs(prompt_lp, logprobs)
                 choice = CompletionChoice(
                     index=update.index,
                     text=(echo if update.first else "") + update.delta,
-                    logprobs=_logprobs(completion, update.start_token, request.logprobs, offset),
+                    logprobs=logprobs,
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                 )
