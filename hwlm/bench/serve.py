@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -243,7 +244,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("HWLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="Bearer key (default: $HWLM_API_KEY, else $OPENAI_API_KEY)",
+    )
     parser.add_argument("--output-json", default=None, help="write the summary here")
 
 
