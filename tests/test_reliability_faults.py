@@ -130,8 +130,11 @@ def test_dead_engine_loop_gives_503_and_errors_not_hangs(device: str) -> None:
         assert r.status_code == 503, r.text
 
 
-def _stream_in_thread(url: str, body: dict[str, Any], started: threading.Event) -> Any:
-    """Stream a completion; set ``started`` at its first event; return (events, error)."""
+def _stream_in_thread(
+    url: str, body: dict[str, Any], started: threading.Event, times: list[float]
+) -> Any:
+    """Stream a completion; set ``started`` at its first event and append each event's arrival
+    time to ``times``; return (events, error)."""
     events: list[Any] = []
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
@@ -139,6 +142,7 @@ def _stream_in_thread(url: str, body: dict[str, Any], started: threading.Event) 
                 if line.startswith("data: "):
                     data = line[len("data: ") :]
                     events.append(data if data == "[DONE]" else json.loads(data))
+                    times.append(time.monotonic())
                     started.set()
     except httpx.TransportError as exc:
         return events, exc
@@ -152,15 +156,17 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 ) -> None:
     args = ["hwlm-tiny", "--device", device, "--num-kv-blocks", "64", "--shutdown-timeout", "30"]
     server = ServerProcess(args, tmp_path / "server.log").start()
-    body = {"prompt": "drain me", "max_tokens": 120, "ignore_eos": True, "stream": True}
-    started = threading.Event()
+    body = {"prompt": "drain me", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    started, times = threading.Event(), []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_stream_in_thread, server.url, body, started)
+        future = pool.submit(_stream_in_thread, server.url, body, started, times)
         assert started.wait(30)
         server.terminate()
         _wait_for(lambda: _refused(server.url), timeout=10)
+        refused_at = time.monotonic()
         events, error = future.result(timeout=60)
     assert error is None, error
+    assert times[-1] > refused_at, "the stream ended before the server refused new requests"
     assert events[-1] == "[DONE]"
     texts = [e for e in events[:-1] if e["choices"]]
     assert texts[-1]["choices"][0]["finish_reason"] == "length"
@@ -173,9 +179,9 @@ def test_sigterm_cuts_off_requests_longer_than_the_grace_period(
     args = ["hwlm-tiny", "--device", device, "--num-kv-blocks", "160", "--shutdown-timeout", "1"]
     server = ServerProcess(args, tmp_path / "server.log").start()
     body = {"prompt": "never ends", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    started = threading.Event()
+    started, times = threading.Event(), []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_stream_in_thread, server.url, body, started)
+        future = pool.submit(_stream_in_thread, server.url, body, started, times)
         assert started.wait(30)
         begin = time.monotonic()
         server.terminate()
