@@ -118,6 +118,8 @@ def test_bad_input_gets_4xx_and_the_server_stays_healthy(
         assert error["message"] and error["type"] == "invalid_request_error", error
         if param is not None:
             assert error["param"] == param, error
+        if name == "invalid utf-8":
+            assert "UTF-8" in error["message"], error
         assert client.get("/health").status_code == 200
         ok = client.post(CMPL, json={"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200, ok.text

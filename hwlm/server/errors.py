@@ -97,6 +97,10 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     except ValueError:
         phrase = "error"
     message = exc.detail if isinstance(exc.detail, str) else phrase
+    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+        message = (
+            f"the body is not valid UTF-8: {exc.__cause__.reason} at byte {exc.__cause__.start}"
+        )
     response = APIError(message, exc.status_code).response()
     if exc.headers:
         response.headers.update(exc.headers)
