@@ -20,12 +20,13 @@ from hwlm.config import EngineConfig, ModelConfig, parse_dtype
 from hwlm.generation_config import load_sampling_defaults
 from hwlm.model_runner import ModelRunner
 from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from hwlm.parallel_sampling import catch_up_forks, fork_ready_samples, reported_samples
 from hwlm.registry import select_backend
 from hwlm.request_checks import check_params, tokenize_bad_words
 from hwlm.sampler import SamplerOutput, TopLogprobs
 from hwlm.sampling_params import SamplingParams
 from hwlm.scheduler import Scheduler
-from hwlm.sequence import Sequence, Status
+from hwlm.sequence import Sequence
 from hwlm.stop_checker import check_stop
 from hwlm.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
 
@@ -245,10 +246,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
-        for parent in parents:
-            for child in parent.pending_forks:
-                child.num_computed_tokens = parent.num_computed_tokens
-                child.block_hashes = list(parent.block_hashes)
+        catch_up_forks(parents)
         if sampled is None:
             return []
         sampled_seqs = sampled.seqs  # forks included
@@ -282,21 +280,15 @@ class LLMEngine:
         return failed
 
     def _fork_samples(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[Sequence]:
-        """Parallel sampling: a request's first sequence whose prompt completes in this step
-        forks into best_of samples sharing its KV blocks (reference counts; each copies a shared
-        block only when it first writes into it). The forks are sampled with it this step."""
-        parents = []
-        for seq, n in zip(seqs, num_new_tokens, strict=True):
-            if seq.num_forks_left and seq.num_computed_tokens + n == seq.num_tokens:
-                for index in range(1, seq.num_forks_left + 1):
-                    child = seq.fork(next(self._seq_ids), index)
-                    self.block_manager.fork(seq, child)
-                    child.status = Status.RUNNING
-                    self.scheduler.running.append(child)
-                    self._requests[seq.request_id].append(child)
-                    seq.pending_forks.append(child)
-                seq.num_forks_left = 0
-                parents.append(seq)
+        """Parallel sampling (``hwlm.parallel_sampling``): fork the requests whose prompt
+        completes in this step, and admit the forks."""
+        parents = fork_ready_samples(
+            seqs, num_new_tokens, self.block_manager, lambda: next(self._seq_ids)
+        )
+        for parent in parents:
+            for child in parent.pending_forks:
+                self.scheduler.add_running(child)
+                self._requests[parent.request_id].append(child)
         return parents
 
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
@@ -342,12 +334,7 @@ class LLMEngine:
     def _request_output(self, request_id: str, finished: bool) -> RequestOutput:
         seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
         first = seqs[0]
-        params = first.params
-        assert params.best_of is not None
-        if finished and params.best_of > params.n:  # keep the n most likely samples
-            chosen = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
-        else:
-            chosen = sorted(seqs, key=lambda s: s.sample_index)
+        chosen = reported_samples(seqs, finished)
         return RequestOutput(
             request_id=request_id,
             prompt=first.prompt,

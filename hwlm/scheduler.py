@@ -45,6 +45,11 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence that already holds its blocks (a parallel-sampling fork)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
