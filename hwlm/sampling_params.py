@@ -132,9 +132,10 @@ class SamplingParams:
 
     @property
     def stop_strings(self) -> list[str]:
-        """``stop`` as a list (normalised in ``__post_init__``)."""
-        assert isinstance(self.stop, list)
-        return self.stop
+        """``stop`` as a list (also when reassigned after construction)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
     def output_text_buffer_length(self) -> int:
