@@ -264,6 +264,26 @@ def test_echo_only_scores_the_prompt(client: Any, llm: Any) -> None:
     assert all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
 
 
+def test_prompt_logprobs(client: Any, llm: Any) -> None:
+    prompt = "A prompt to score"
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    expected = llm.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
+    extra = {"extra_body": {"prompt_logprobs": 2}, "max_tokens": 2, **GREEDY}
+    completion = client.completions.create(model=MODEL, prompt=prompt, **extra)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, **extra)
+    got = completion.choices[0].model_dump()["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(expected)
+    for entry, reference in zip(got[1:], expected[1:], strict=True):
+        assert {int(k) for k in entry} == set(reference)
+        for token_id, lp in reference.items():
+            assert entry[str(token_id)]["logprob"] == pytest.approx(lp.logprob, abs=1e-4)
+            assert entry[str(token_id)]["rank"] == lp.rank
+    chat_lp = chat.model_dump()["prompt_logprobs"]
+    assert chat_lp[0] is None and all(chat_lp[1:])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=prompt, stream=True, **extra)
+
+
 # Concurrency ----------------------------------------------------------------------------------
 
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from hwlm.outputs import Logprob
-from hwlm.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from hwlm.outputs import Logprob, PromptLogprobs
+from hwlm.server.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    TokenLogprob,
+    TopLogprob,
+)
+from hwlm.server.protocol import PromptLogprobs as PromptLogprobsBody
 
 _FLOOR = -9999.0
 
@@ -87,3 +94,21 @@ def chat_logprobs(
             )
         )
     return ChatLogprobs(content=content)
+
+
+def prompt_logprobs(entries: PromptLogprobs | None) -> PromptLogprobsBody | None:
+    """vLLM's ``prompt_logprobs`` field: per prompt token, None (the first) or token id ->
+    logprob, rank and decoded token."""
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            token_id: PromptLogprob(
+                logprob=_value(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+            )
+            for token_id, lp in entry.items()
+        }
+        for entry in entries
+    ]

@@ -71,6 +71,8 @@ class SamplingRequest(OpenAIModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) for the first field set to something hwlm cannot do, else None."""
+        if self.stream and self.prompt_logprobs is not None:
+            return "prompt_logprobs are not available when stream=true", "prompt_logprobs"
         return None
 
     @property
@@ -214,12 +216,24 @@ class CompletionLogprobs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's ``prompt_logprobs`` entry (per prompt token: token id -> this)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -265,6 +279,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIModel):

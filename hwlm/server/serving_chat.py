@@ -21,7 +21,7 @@ from hwlm.server.common import (
     usage,
 )
 from hwlm.server.errors import APIError
-from hwlm.server.logprobs import chat_logprobs
+from hwlm.server.logprobs import chat_logprobs, prompt_logprobs
 from hwlm.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -95,7 +95,11 @@ async def create_chat_completion(
         for i, completion in enumerate(outputs[0].outputs)
     ]
     response = ChatCompletionResponse(
-        id=request_id, model=served_model_name, choices=choices, usage=usage(outputs)
+        id=request_id,
+        model=served_model_name,
+        choices=choices,
+        usage=usage(outputs),
+        prompt_logprobs=prompt_logprobs(outputs[0].prompt_logprobs),
     )
     return JSONResponse(response.model_dump())
 

@@ -28,7 +28,7 @@ from hwlm.server.echo import (
     echo_text,
 )
 from hwlm.server.errors import APIError
-from hwlm.server.logprobs import completion_logprobs
+from hwlm.server.logprobs import completion_logprobs, prompt_logprobs
 from hwlm.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -106,6 +106,11 @@ async def create_completion(
         for prompt_index, output in enumerate(outputs)
         for i, completion in enumerate(output.outputs)
     ]
+    if request.prompt_logprobs is not None:
+        for choice in choices:
+            choice.prompt_logprobs = prompt_logprobs(
+                outputs[choice.index // request.n].prompt_logprobs
+            )
     tokens = usage(outputs)
     if echo_only(request):
         tokens.completion_tokens, tokens.total_tokens = 0, tokens.prompt_tokens
