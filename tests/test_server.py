@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,10 +35,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from hwlm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError  # noqa: E402
+from tests.server_helpers import ROOT, free_port, sse_events, wait_ready  # noqa: E402
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # A scripted engine ------------------------------------------------------------------------------
@@ -228,34 +225,9 @@ def _wait_until(condition: Any, timeout: float = 5.0) -> None:
 # A real server process ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(
-    base_url: str, proc: subprocess.Popen[bytes] | None, log: Path | None, headers: Any = None
-) -> None:
-    """Wait for /health, then run one small request: the first one may JIT-compile kernels."""
-    deadline = time.monotonic() + 90
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text() if log else ''}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            raise RuntimeError("the server did not become healthy")
-        time.sleep(0.2)
-    body = {"prompt": "warm up", "max_tokens": 2}
-    r = httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=120)
-    assert r.status_code == 200, r.text
-
-
 @pytest.fixture(scope="module")
 def server(device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["hwlm-tiny", "--device", device, "--host", "127.0.0.1", "--port", str(port)]
     args += ["--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64"]
@@ -270,7 +242,7 @@ def server(device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base_url, proc, log, {"Authorization": f"Bearer {API_KEY}"})
+        wait_ready(base_url, proc, log, {"Authorization": f"Bearer {API_KEY}"})
         yield base_url
     finally:
         proc.terminate()  # SIGTERM: a clean shutdown
@@ -289,18 +261,6 @@ def client(server: str) -> Iterator[Any]:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=server, headers=headers, timeout=30) as c:
         yield c
-
-
-def _sse(response: Any) -> list[Any]:
-    """The JSON payloads of an SSE response, then "[DONE]" as the last item."""
-    events = []
-    for line in response.iter_lines():
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        data = line[len("data: ") :]
-        events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 def test_health_version_models(client: Any, server: str) -> None:
@@ -363,7 +323,7 @@ def test_completion_greedy_equals_llm_generate(client: Any, reference: Any) -> N
         },
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = _sse(response)
+        events = sse_events(response)
     assert events[-1] == "[DONE]"
     usage_chunk, chunks = events[-2], events[:-2]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == body["usage"]
@@ -434,7 +394,7 @@ def test_chat_completion(client: Any, reference: Any) -> None:
             "top_logprobs": 2,
         },
     ) as response:
-        events = _sse(response)
+        events = sse_events(response)
     assert events[-1] == "[DONE]"
     first, chunks, usage_chunk = events[0], events[1:-2], events[-2]
     assert first["object"] == "chat.completion.chunk"
@@ -537,7 +497,7 @@ def test_api_key(server: str) -> None:
 
 class _ThreadedServer:
     def __init__(self, app: Any) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -545,7 +505,7 @@ class _ThreadedServer:
     def __enter__(self) -> str:
         self.thread.start()
         base_url = f"http://127.0.0.1:{self.port}"
-        _wait_ready(base_url, None, None)
+        wait_ready(base_url, None, None)
         return base_url
 
     def __exit__(self, *exc: object) -> None:
