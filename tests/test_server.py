@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -577,3 +578,33 @@ def test_non_stream_disconnect_aborts(inprocess: Any) -> None:
     assert len(aborted) == before + 1
     ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+def test_chat_template_override(inprocess: Any, tmp_path: Path) -> None:
+    from hwlm.server.api import build_app
+    from hwlm.server.chat_utils import load_chat_template
+
+    _, engine, _ = inprocess
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert load_chat_template(str(path)) == template
+    assert load_chat_template(template.replace("\n", "\\n")) == template  # inline, shell-escaped
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        load_chat_template("no-such-file.jinja")
+    app = build_app(engine, "hwlm-tiny", None, chat_template=template)
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def main() -> tuple[Any, Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            tokens = await client.post("/tokenize", json={"messages": messages})
+            chat = await client.post(
+                "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}
+            )
+            return tokens, chat
+
+    tokens, chat = _run(main())
+    expected = engine.tokenizer("[user] hi\n", add_special_tokens=False)["input_ids"]
+    assert tokens.json()["tokens"] == expected
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(expected)
