@@ -608,3 +608,13 @@ def test_chat_template_override(inprocess: Any, tmp_path: Path) -> None:
     expected = engine.tokenizer("[user] hi\n", add_special_tokens=False)["input_ids"]
     assert tokens.json()["tokens"] == expected
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_batch_with_one_rejected_prompt_adds_none(inprocess: Any) -> None:
+    base_url, engine, _ = inprocess
+    body = {"prompt": [[5, 6, 7], [10**6]], "max_tokens": 500, "ignore_eos": True}
+    r = httpx.post(f"{base_url}/v1/completions", json=body)
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], r.text
+    _assert_engine_idle(engine)  # the accepted first prompt was aborted, not left running
+    ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2

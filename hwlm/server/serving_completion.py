@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -64,11 +65,14 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prom
 async def _tokenized(
     engine: AsyncLLMEngine, prompts: list[PromptType], max_tokens: int | None
 ) -> list[PromptType]:
-    """Each prompt with its token ids, after checking that it fits the context window."""
+    """Each prompt with its token ids (one round trip to the engine thread for all), after
+    checking that it fits the context window."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    token_ids = iter(await asyncio.gather(*(engine.tokenize(t) for t in texts)))
     out: list[PromptType] = []
     for prompt in prompts:
         if isinstance(prompt, str):
-            ids = await engine.tokenize(prompt)
+            ids = next(token_ids)
             out.append({"prompt": prompt, "prompt_token_ids": ids})
         else:
             ids = prompt if isinstance(prompt, list) else []

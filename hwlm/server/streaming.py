@@ -51,20 +51,23 @@ async def add_requests(
     stream: bool,
     param: str = "prompt",
 ) -> list[RequestStream]:
-    """Add one engine request per prompt (ids ``base_id-i``); all or none: if the engine rejects
-    one, the others are aborted and a 400 APIError names the reason."""
-    streams: list[RequestStream] = []
-    try:
-        for i, prompt in enumerate(prompts):
-            streams.append(
-                await engine.add_request(f"{base_id}-{i}", prompt, params, stream=stream)
-            )
-    except ValueError as exc:
+    """Add one engine request per prompt (ids ``base_id-i``), all in one round trip to the engine
+    thread; all or none: if the engine rejects one, the others are aborted and a 400 APIError
+    names the reason."""
+    results = await asyncio.gather(
+        *(
+            engine.add_request(f"{base_id}-{i}", prompt, params, stream=stream)
+            for i, prompt in enumerate(prompts)
+        ),
+        return_exceptions=True,
+    )
+    streams = [r for r in results if isinstance(r, RequestStream)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
         abort_all(streams)
-        raise APIError(str(exc), 400, param=param) from exc
-    except BaseException:
-        abort_all(streams)
-        raise
+        if isinstance(errors[0], ValueError):
+            raise APIError(str(errors[0]), 400, param=param) from errors[0]
+        raise errors[0]
     return streams
 
 
