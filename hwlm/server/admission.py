@@ -32,9 +32,10 @@ class ServerLimits:
 def check_request(request: Any, limits: ServerLimits) -> None:
     """400 for the first field of a completion or chat request over its configured limit, and for
     chat messages with a role the chat format does not know."""
-    n = getattr(request, "n", 1)
-    if n is not None and n > limits.max_n:
-        raise APIError(f"n must be at most {limits.max_n}, got {n}", param="n")
+    for name in ("n", "best_of"):  # best_of samples are sequences too
+        value = getattr(request, name, None)
+        if value is not None and value > limits.max_n:
+            raise APIError(f"{name} must be at most {limits.max_n}, got {value}", param=name)
     _check_max_tokens(request, limits)
     _check_logprobs(request, limits)
     stop = getattr(request, "stop", None)
@@ -70,15 +71,30 @@ def _check_logprobs(request: Any, limits: ServerLimits) -> None:
             raise APIError(f"{name} must be at most {limits.max_logprobs}, got {value}", param=name)
 
 
-def check_capacity(num_waiting: int, limits: ServerLimits, draining: bool) -> None:
-    """503 with Retry-After while the server drains for shutdown, or when the waiting queue is
-    full (``num_waiting`` requests accepted but not yet scheduled)."""
+def num_prompts(request: Any) -> int:
+    """How many engine requests a completion or chat request becomes (one per prompt)."""
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def check_capacity(
+    num_waiting: int, limits: ServerLimits, draining: bool, incoming: int = 1
+) -> None:
+    """503 with Retry-After while the server drains for shutdown, or when ``incoming`` more
+    requests would overfill the waiting queue (``num_waiting`` accepted but not yet scheduled);
+    400 for a request with more prompts than the queue can ever hold."""
     if draining:
         raise APIError(
             "the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)}
         )
     bound = limits.max_waiting_requests
-    if bound is not None and num_waiting >= bound:
+    if bound is not None and incoming > bound:
+        raise APIError(
+            f"a request may hold at most {bound} prompts, got {incoming}", param="prompt"
+        )
+    if bound is not None and num_waiting + incoming > bound:
         raise APIError(
             f"the server is overloaded: {num_waiting} requests are waiting (the limit is "
             f"{bound}); retry later",

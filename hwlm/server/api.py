@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import hwlm
-from hwlm.server.admission import ServerLimits, check_capacity, check_request
+from hwlm.server.admission import ServerLimits, check_capacity, check_request, num_prompts
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
 from hwlm.server.auth import APIKeyMiddleware
 from hwlm.server.body_limit import BodySizeLimitMiddleware
@@ -61,7 +61,8 @@ def build_app(
 
     def admit(request: CompletionRequest | ChatCompletionRequest) -> None:
         check_request(request, limits)
-        check_capacity(engine.num_waiting_requests(), limits, app.state.draining)
+        waiting = engine.num_waiting_requests()
+        check_capacity(waiting, limits, app.state.draining, num_prompts(request))
 
     @app.get("/health")
     async def health() -> Response:
