@@ -17,7 +17,6 @@ row repeated for each fork, so every sample draws its own first token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,9 @@ import torch
 from hwlm.penalties import PenaltyTensors, apply_penalties
 from hwlm.sequence import Sequence
 from hwlm.token_constraints import TokenConstraints
+from hwlm.truncation import truncate
+
+_SORT_LIMIT = 1024  # more candidates than this are put in vocabulary order by a dense scatter
 
 TopLogprobs = tuple[list[int], list[float], int]  # (top ids, their logprobs, sampled rank)
 
@@ -71,11 +73,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One draw per row from its truncated distribution (greedy rows are drawn too; the caller
     replaces them). Candidates are put in vocabulary order first, so a row's draw does not depend
     on how many candidates the batch's other rows needed."""
-    values, ids = truncate(logits, seqs)
-    probs = values.softmax(dim=-1)
-    if ids is not None:
-        ids, order = ids.sort(dim=-1)
-        probs = probs.gather(1, order)
+    values, ids = truncate(logits, [s.params for s in seqs])
+    probs, ids = _vocabulary_order(values.softmax(dim=-1), ids, logits.shape[1])
     cdf = probs.cumsum(dim=-1)
     threshold = _uniforms(seqs, logits.device).to(cdf.dtype) * cdf[:, -1]
     pos = torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0]
@@ -83,67 +82,26 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return pos if ids is None else ids.gather(1, pos[:, None])[:, 0]
 
 
+def _vocabulary_order(
+    probs: torch.Tensor, ids: torch.Tensor | None, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidates' probabilities in token-id order: a few are sorted by id; many are scattered
+    into a dense [batch, vocab] row (ids then None)."""
+    if ids is None:
+        return probs, None
+    if ids.shape[1] <= _SORT_LIMIT:
+        ids, order = ids.sort(dim=-1)
+        return probs.gather(1, order), ids
+    return torch.zeros(probs.shape[0], vocab, dtype=probs.dtype, device=probs.device).scatter_(
+        1, ids, probs
+    ), None
+
+
 def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """The [batch, vocab] distribution ``sample`` draws from (for inspection and tests)."""
-    values, ids = truncate(logits.float(), seqs)
+    values, ids = truncate(logits.float(), [s.params for s in seqs])
     probs = values.softmax(dim=-1)
     return probs if ids is None else torch.zeros_like(logits).float().scatter(1, ids, probs)
-
-
-def truncate(
-    logits: torch.Tensor, seqs: list[Sequence]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Temperature, min_p, top-k, top-p. Returns candidate logits (-inf where masked) and their
-    token ids, or (all logits, None) when no row truncates by rank."""
-    device = logits.device
-    params = [s.params for s in seqs]
-    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)[:, None]
-    vocab = logits.shape[1]
-    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-    by_rank = any(p.top_p < 1.0 for p in params) or min(top_k) < vocab
-    if any(p.min_p > 0 for p in params):
-        logits = apply_min_p(logits / temps, [p.min_p for p in params])
-    elif by_rank and max(top_k) < vocab:
-        # A positive temperature keeps the ranking: pick the candidates first, then scale only
-        # them (the same result as scaling the whole vocabulary first, with less work).
-        values, ids = logits.topk(max(top_k), dim=-1)
-        return top_k_top_p(values / temps, top_k, [p.top_p for p in params], ids)
-    else:
-        logits = logits / temps
-    if by_rank:
-        return top_k_top_p(logits, top_k, [p.top_p for p in params])
-    return logits, None
-
-
-def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
-    """Mask tokens with probability below min_p times the top probability. In logit space:
-    p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)."""
-    log_min_p = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p])
-    threshold = logits.max(dim=-1, keepdim=True).values + log_min_p.to(logits.device)[:, None]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def top_k_top_p(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float], ids: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``max(top_k)`` best logits of each row, best first, with their token ids; entries past
-    a row's own top_k, then past its top_p mass (of the top-k renormalised distribution; the
-    best token always stays), are -inf. With ``ids``, ``logits`` already are the sorted
-    candidates and ``ids`` their token ids."""
-    device = logits.device
-    if ids is None:
-        values, ids = logits.topk(max(top_k), dim=-1)
-    else:
-        values = logits
-    ranks = torch.arange(values.shape[1], device=device)[None, :]
-    k = torch.tensor(top_k, device=device)[:, None]
-    values = values.masked_fill(ranks >= k, float("-inf"))
-    if any(p < 1.0 for p in top_p):
-        probs = values.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
-        p = torch.tensor(top_p, device=device)[:, None]
-        values = values.masked_fill((mass_before >= p) & (ranks > 0), float("-inf"))
-    return values, ids
 
 
 def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:

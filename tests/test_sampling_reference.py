@@ -175,3 +175,30 @@ def test_logprobs_top_n_plus_sampled_with_ranks(n: int) -> None:
 def test_no_logprobs_requested() -> None:
     out = Sampler()(fixed_logits(1, VOCAB).float(), [make_seq(SamplingParams())])
     assert out.top_logprobs == [None]
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: decided in the prefilter; flat: sorted
+def test_top_p_over_a_large_vocabulary(scale: float) -> None:
+    from hwlm.truncation import _prefiltered_nucleus
+
+    vocab = 3000
+    cases = [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7), dict(top_k=20, top_p=0.8)]
+    logits = fixed_logits(len(cases), vocab, seed=10, scale=scale)
+    params = [SamplingParams(**case) for case in cases]
+    got = sampling_probs(logits.float(), [make_seq(p) for p in params]).double().numpy()
+    for i, p in enumerate(params):
+        want = ref.distribution(logits[i].numpy(), p.temperature, p.min_p, p.top_k, p.top_p)
+        np.testing.assert_allclose(got[i], want, atol=2e-6, err_msg=str(cases[i]))
+    scaled = logits.float() / torch.tensor([[p.temperature] for p in params])
+    decided = _prefiltered_nucleus(scaled, [p.top_k or vocab for p in params], [0.9, 0.5, 0.8])
+    assert (decided is not None) == (scale > 1)
+
+
+def test_an_untruncated_row_beside_top_p_rows() -> None:
+    vocab = 3000
+    logits = fixed_logits(2, vocab, seed=11, scale=8.0)
+    params = [SamplingParams(top_p=0.9), SamplingParams(temperature=0.9)]
+    got = sampling_probs(logits.float(), [make_seq(p) for p in params]).double().numpy()
+    for i, p in enumerate(params):
+        want = ref.distribution(logits[i].numpy(), p.temperature, p.min_p, p.top_k, p.top_p)
+        np.testing.assert_allclose(got[i], want, atol=2e-6)

@@ -100,3 +100,29 @@ def test_seed_reproducible_whatever_the_batch() -> None:
     torch.manual_seed(0)
     other_seed = _run_steps([make_seq(SamplingParams(**{**vars(params), "seed": 4321}))], 0, steps)
     assert other_seed != alone  # the seed matters
+
+
+def test_prefiltered_top_p_frequencies() -> None:
+    vocab = 600
+    row = fixed_logits(1, vocab, seed=22, scale=4.0)[0]
+    params = SamplingParams(top_p=0.8)
+    probs = torch.from_numpy(ref.distribution(row.numpy(), 1.0, 0.0, 0, 0.8))
+    assert 1 < int((probs > 0).sum()) < 256  # the nucleus fits the prefilter
+    torch.manual_seed(7)
+    seq = make_seq(params)
+    out = Sampler()(row.float().expand(DRAWS, -1), [seq] * DRAWS)
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).double()
+    assert counts[probs == 0].sum() == 0
+    assert _chi_square_p_value(counts, probs) > P_MIN
+
+
+def test_seeded_draw_same_whether_candidates_are_few_or_the_vocabulary() -> None:
+    """Beside an untruncated row the batch samples over the dense vocabulary; alone, the seeded
+    top-p row samples over its prefiltered candidates. Same tokens either way."""
+    vocab = 2000
+    steps = [fixed_logits(1, vocab, seed=30 + s, scale=3.0)[0] for s in range(20)]
+    params = SamplingParams(top_p=0.9, seed=77)
+    alone = _run_steps([make_seq(params)], 0, steps)
+    torch.manual_seed(1)
+    beside = _run_steps([make_seq(SamplingParams(temperature=1.0)), make_seq(params)], 1, steps)
+    assert beside == alone
