@@ -45,7 +45,7 @@ class PenaltyTensors:
         prompt_ids = None
         if any(p.repetition_penalty != 1.0 for p in params):
             prompts = [
-                s.prompt_array if p.repetition_penalty != 1.0 else _EMPTY
+                s.prompt_token_set if p.repetition_penalty != 1.0 else _EMPTY
                 for s, p in zip(seqs, params, strict=True)
             ]
             prompt_ids = _padded(prompts, vocab_size, device)

@@ -87,10 +87,11 @@ class Sequence:
         return None if seed is None else seed + self.sample_index
 
     @property
-    def prompt_array(self) -> np.ndarray:
-        """The prompt's token ids as an int64 array (built once)."""
+    def prompt_token_set(self) -> np.ndarray:
+        """The distinct token ids of the prompt, as a sorted int64 array (built once)."""
         if self._prompt_array is None:
-            self._prompt_array = np.asarray(self.token_ids[: self.num_prompt_tokens], np.int64)
+            self._prompt_array = np.unique(np.asarray(self.token_ids[: self.num_prompt_tokens]))
+            self._prompt_array = self._prompt_array.astype(np.int64)
         return self._prompt_array
 
     @property
