@@ -72,7 +72,7 @@ def _backend(
         return RemoteChat(args.url, args.model, api_key, settings)
     from hwlm.chat_backends import LocalChat
     from hwlm.engine import EngineArgs, LLMEngine
-    from hwlm.server.chat_utils import load_chat_template
+    from hwlm.server.chat_template import load_chat_template
 
     engine = LLMEngine(EngineArgs(model=args.model or "hwlm-tiny", **engine_kwargs))
     return LocalChat(engine, settings, load_chat_template(args.chat_template))

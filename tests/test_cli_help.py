@@ -98,3 +98,23 @@ def test_local_chat_streams_the_greedy_reply(device: str) -> None:
     expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     chat = LocalChat(llm.engine, ChatSettings(max_tokens=6, temperature=0.0))
     assert "".join(chat.stream_reply(messages)) == expected[0].outputs[0].text
+
+
+def test_the_command_line_needs_no_web_framework() -> None:
+    """The GPU machines lack fastapi/uvicorn: hwlm's CLI (chat included) must import without."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "httpx", "openai"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+import hwlm, hwlm.engine, hwlm.server, hwlm.chat_cli, hwlm.server.chat_template
+from hwlm.cli import build_parser
+build_parser().parse_args(["chat", "--url", "http://x"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

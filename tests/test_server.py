@@ -582,7 +582,7 @@ def test_non_stream_disconnect_aborts(inprocess: Any) -> None:
 
 def test_chat_template_override(inprocess: Any, tmp_path: Path) -> None:
     from hwlm.server.api import build_app
-    from hwlm.server.chat_utils import load_chat_template
+    from hwlm.server.chat_template import load_chat_template
 
     _, engine, _ = inprocess
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -1,28 +1,12 @@
-"""Chat messages to prompt text: the conversation as templates expect it, and ``--chat-template``
-(a file or an inline Jinja template) overriding the tokenizer's own."""
+"""Chat messages to prompt text: the conversation as templates expect it, rendered by the
+tokenizer's template or the one ``--chat-template`` gave (``hwlm.server.chat_template``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hwlm.server.errors import APIError
 from hwlm.server.protocol import ChatMessage
-
-_TEMPLATE_MARKERS = ("{{", "{%")
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """``--chat-template``: a path to a Jinja file, or the template itself (as vLLM accepts).
-    A value that is neither an existing file nor template-like is a ValueError."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if any(marker in value for marker in _TEMPLATE_MARKERS):
-        return value.replace("\\n", "\n")  # a shell-quoted inline template's escaped newlines
-    raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:

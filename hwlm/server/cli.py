@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
     from hwlm.engine import EngineArgs, LLMEngine
     from hwlm.server.api import build_app
     from hwlm.server.async_engine import AsyncLLMEngine
-    from hwlm.server.chat_utils import load_chat_template
+    from hwlm.server.chat_template import load_chat_template
 
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
