@@ -208,6 +208,11 @@ def test_dead_engine_gives_503() -> None:
             assert r.status_code == 503, r.text
             assert r.json()["error"]["message"].startswith("the engine failed")
             assert (await client.get("/health")).status_code == 503
+            metrics = await client.get("/metrics")  # still answers: counters, zero gauges
+            assert metrics.status_code == 200
+            assert 'request_success_total{model_name="fake",finished_reason="abort"} 1.0' in (
+                metrics.text
+            )
 
     try:
         _run(main())
@@ -618,3 +623,18 @@ def test_batch_with_one_rejected_prompt_adds_none(inprocess: Any) -> None:
     _assert_engine_idle(engine)  # the accepted first prompt was aborted, not left running
     ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_hwlm_chat_reports_a_wrong_key_in_one_line(server: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hwlm.cli", "chat", "--url", server, "--api-key", "wrong"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "HWLM_API_KEY": ""},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("hwlm: error: 401: missing or invalid API key")
+    assert result.stderr.count("\n") == 1 and API_KEY not in result.stderr

@@ -437,6 +437,7 @@ class AsyncLLMEngine:
             self._streams.clear()
         for request_stream in streams:
             request_stream.put(EngineDeadError(str(self._error)))
+            self.metrics.on_aborted(request_stream.request_id)  # ended without finishing
 
     def _fail_inbox(self) -> None:
         """Answer the commands that will never run (the thread is exiting)."""
