@@ -215,6 +215,13 @@ def test_stop_strings_and_logit_bias_pass_through(client: Any, llm: Any) -> None
     choice = cut.choices[0]
     assert choice.finish_reason == "stop" and choice.stop_reason == stop
     assert choice.text == expected.text[: expected.text.index(stop)]
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt="Count:", max_tokens=12, stop=[stop], stream=True, **GREEDY
+        )
+    )
+    assert _texts_by_index(streamed, chat=False) == {0: choice.text}  # the stop string never leaks
+    assert _finish_reasons(streamed) == {0: "stop"}
     banned = expected.token_ids[0]
     biased = client.completions.create(
         model=MODEL, prompt="Count:", max_tokens=1, logprobs=0,
