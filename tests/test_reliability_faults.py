@@ -100,6 +100,17 @@ def test_one_failing_request_gets_500_and_the_others_finish(device: str) -> None
         wait_idle(engine)
 
 
+def test_offline_generate_still_raises_a_request_failure(device: str) -> None:
+    """Isolation is the server's: LLM.generate (isolation off) reports the failure as before."""
+    from hwlm import LLM
+
+    llm = LLM("hwlm-tiny", device=device, max_model_len=128, num_kv_blocks=16)
+    _poison_requests(llm.engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(UnicodeDecodeError, match="injected"):
+        llm.generate([POISON], params, use_tqdm=False)
+
+
 def test_dead_engine_loop_gives_503_and_errors_not_hangs(device: str) -> None:
     with _serve(device, max_num_seqs=8, num_kv_blocks=64) as (url, engine):
         llm_engine = engine.engine

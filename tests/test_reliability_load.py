@@ -197,7 +197,7 @@ def _check_round(results: list[Any], expected: list[str], output_len: int) -> No
     failed = [r.error for r in results if r.error]
     assert not failed, failed[:3]
     # 50 are planned; a stream that ends before its abort point completes instead.
-    assert 45 <= sum(r.aborted for r in results) <= 50
+    assert 40 <= sum(r.aborted for r in results) <= 50
     for r in results:
         if r.ok:
             assert r.text == expected[r.index], f"request {r.index}"
