@@ -29,7 +29,7 @@ bench="$py -m hwlm.cli --log-level info bench throughput --device cuda"
 args=" $* "
 run_if() { local name=$1; shift; [[ "$args" == *" $name "* || "$args" == *" all "* ||
     ("$args" == *" check "* && " e2e ops " == *" $name "*) ||
-    ("$args" == *" bench "* && " g3 g2 g1 profile " == *" $name "*) ]] && step "$name" "$@"; }
+    ("$args" == *" bench "* && " g3 g2 g1 profile profile3 " == *" $name "*) ]] && step "$name" "$@"; }
 
 cp docs/support-matrix.md "$OUT/support-matrix.md"
 run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
@@ -39,3 +39,4 @@ run_if g3 240 $bench --workload g3 --compare-hf --output-json "$OUT/g3.json"
 run_if g2 120 $bench --workload g2 --output-json "$OUT/g2.json"
 run_if g1 180 $bench --workload g1 --output-json "$OUT/g1.json"
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
+run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
