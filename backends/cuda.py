@@ -137,6 +137,12 @@ class CUDABackend(Backend):
             query, kv_cache, metadata, scale, warp_size=self.warp_size, num_sms=self.num_sms
         )
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._kernels.rms_norm(x, weight, eps, warp_size=self.warp_size)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernels.silu_and_mul(x, warp_size=self.warp_size)
+
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
 

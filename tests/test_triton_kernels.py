@@ -328,3 +328,26 @@ def test_rocm_reason_says_unvalidated(monkeypatch: pytest.MonkeyPatch) -> None:
     assert probe.available and "1 x gfx942" in probe.reason
     assert "not validated on AMD hardware" in probe.reason
     assert ROCmBackend.warp_size == 64 and ROCmBackend.name == "rocm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cols", [64, 896, 1000])
+def test_fused_norm_and_activation_round_like_torch(dtype: torch.dtype, cols: int) -> None:
+    """Within a few units in the last place of the portable torch ops (Backend's defaults): the
+    sum of squares may be added in another order, which can flip each of the two roundings."""
+    from hwlm.backend import Backend
+
+    ulp = 4 * torch.finfo(dtype).eps
+    g = torch.Generator().manual_seed(cols)
+    wide = torch.randn(7, cols + 16, generator=g).to(dtype).to(DEVICE)
+    x = wide[:, :cols]  # rows with a stride: the kernel must not assume contiguity
+    w = torch.rand(cols, generator=g).add(0.5).to(dtype).to(DEVICE)
+    norm_got = tk.rms_norm(x, w, 1e-5)
+    assert norm_got.shape == x.shape
+    norm_want = Backend.rms_norm(None, x, w, 1e-5)  # type: ignore[arg-type]
+    torch.testing.assert_close(norm_got, norm_want, rtol=ulp, atol=ulp)
+    both = torch.randn(3, 5, 2 * cols, generator=g).to(dtype).to(DEVICE)
+    act_got = tk.silu_and_mul(both)
+    assert act_got.shape == (3, 5, cols)
+    act_want = Backend.silu_and_mul(None, both)  # type: ignore[arg-type]
+    torch.testing.assert_close(act_got, act_want, rtol=ulp, atol=ulp)
