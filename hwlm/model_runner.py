@@ -6,6 +6,7 @@ builds the flattened inputs and the step's AttentionMetadata, which it passes do
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,41 +74,66 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, ctx)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's flattened inputs and AttentionMetadata, built with whole-array numpy ops
+        (a Python loop over 256 sequences costs more than a small model's forward) and sent to
+        the device in two copies."""
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
+        seq_lens = starts + np.asarray(counts, dtype=np.int64)
+        query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        max_query_len = int(max(counts))
+        if max_query_len == 1:  # decode-shaped: each sequence's next token
+            input_ids = np.fromiter(
+                (s.token_ids[p] for s, p in zip(seqs, starts.tolist(), strict=True)), np.int64
+            )
+            positions = starts
+            token_seq = np.arange(len(seqs))
+        else:
+            chunks = (
+                s.token_ids[p : p + n]
+                for s, p, n in zip(seqs, starts.tolist(), counts, strict=True)
+            )
+            input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int64)
+            token_seq = np.repeat(np.arange(len(seqs)), counts)
+            positions = np.arange(input_ids.size) - query_start[token_seq] + starts[token_seq]
+        block_tables = _block_tables(seqs)
         bs = self.block_size
-        num_seqs = len(batch.seqs)
-        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
-        query_start[1:] = np.cumsum(batch.num_new_tokens)
-        seq_lens = np.empty(num_seqs, dtype=np.int32)
-        max_blocks = max(len(s.block_ids) for s in batch.seqs)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        input_ids: list[int] = []
-        positions = np.empty(int(query_start[-1]), dtype=np.int64)
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions[query_start[i] : query_start[i + 1]] = np.arange(start, start + n)
-            seq_lens[i] = start + n
-            block_tables[i, : len(seq.block_ids)] = seq.block_ids
-            if start + n == seq.num_tokens:
-                sample_rows.append(int(query_start[i + 1]) - 1)
-                sample_seqs.append(seq)
-        token_seq = np.repeat(np.arange(num_seqs), batch.num_new_tokens)
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        device = self.backend.device
+        sampling = seq_lens == np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
+        sample_rows = query_start[1:][sampling] - 1
+        sample_seqs = [s for s, last in zip(seqs, sampling.tolist(), strict=True) if last]
+        ids, pos, slot_mapping, rows = self._upload(
+            [input_ids, positions, slots, sample_rows], torch.int64
+        )
+        qsl, lens, tables = self._upload([query_start, seq_lens, block_tables], torch.int32)
         metadata = AttentionMetadata(
-            query_start_loc=torch.from_numpy(query_start.astype(np.int32)),
-            seq_lens=torch.from_numpy(seq_lens),
-            block_tables=torch.from_numpy(block_tables),
-            slot_mapping=torch.from_numpy(slots),
-            max_query_len=int(max(batch.num_new_tokens)),
+            query_start_loc=qsl,
+            seq_lens=lens,
+            block_tables=tables.view(block_tables.shape),
+            slot_mapping=slot_mapping,
+            max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
         )
-        return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-            positions=torch.from_numpy(positions).to(device),
-            metadata=metadata.to(device) if device.type != "cpu" else metadata,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
-            sample_seqs=sample_seqs,
-        )
+        return StepInputs(ids, pos, metadata, rows, sample_seqs)
+
+    def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """``arrays`` as 1-D tensors of ``dtype`` on the device, through one host buffer."""
+        flat = np.concatenate([a.ravel() for a in arrays]).astype(_NUMPY[dtype], copy=False)
+        host = torch.from_numpy(flat)
+        device = self.backend.device
+        if device.type != "cpu":
+            host = host.pin_memory().to(device, non_blocking=True)
+        return list(host.split([a.size for a in arrays]))
+
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+
+
+def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+    """[num_seqs, longest] int32 block ids, zero-padded."""
+    lens = np.fromiter((len(s.block_ids) for s in seqs), np.int64, len(seqs))
+    blocks = itertools.chain.from_iterable(s.block_ids for s in seqs)
+    tables = np.zeros((len(seqs), int(lens.max())), dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < lens[:, None]] = np.fromiter(blocks, np.int32, lens.sum())
+    return tables
