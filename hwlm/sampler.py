@@ -42,8 +42,8 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits, seqs = _expand_forks(logits, seqs)
-        logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw = logits = logits.float()  # process_logits and sample never modify their input
+        log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
         logits = process_logits(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
@@ -53,8 +53,12 @@ class Sampler:
             if any(greedy):
                 mask = torch.tensor(greedy, device=logits.device)
                 tokens = torch.where(mask, logits.argmax(dim=-1), tokens)
-        token_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top = top_logprobs(raw_logprobs, tokens, [s.params.logprobs for s in seqs])
+        # The sampled tokens' logprobs need one reduction, not a [batch, vocab] log_softmax.
+        token_logprobs = (raw.gather(1, tokens[:, None]) - log_total).squeeze(1)
+        wanted = [s.params.logprobs for s in seqs]
+        top: list[TopLogprobs | None] = [None] * len(seqs)
+        if any(n is not None for n in wanted):
+            top = top_logprobs(raw - log_total, tokens, wanted)
         return SamplerOutput(tokens.tolist(), token_logprobs.tolist(), top, seqs)
 
 
