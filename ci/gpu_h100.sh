@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-/tmp/hwlm-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=python3
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
@@ -29,7 +29,7 @@ bench="$py -m hwlm.cli --log-level info bench throughput --device cuda"
 args=" $* "
 run_if() { local name=$1; shift; [[ "$args" == *" $name "* || "$args" == *" all "* ||
     ("$args" == *" check "* && " e2e ops " == *" $name "*) ||
-    ("$args" == *" bench "* && " g3 g2 g1 profile profile3 " == *" $name "*) ]] && step "$name" "$@"; }
+    ("$args" == *" bench "* && " g3 g2 g1 profile profile3 wl3 wl2 " == *" $name "*) ]] && step "$name" "$@"; }
 
 cp docs/support-matrix.md "$OUT/support-matrix.md"
 run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
@@ -40,3 +40,5 @@ run_if g2 120 $bench --workload g2 --output-json "$OUT/g2.json"
 run_if g1 180 $bench --workload g1 --output-json "$OUT/g1.json"
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
 run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
+run_if wl3 120 $py ci/profile_workload.py --workload g3
+run_if wl2 120 $py ci/profile_workload.py --workload g2
