@@ -31,9 +31,15 @@ run_if() { local name=$1; shift; [[ "$args" == *" $name "* || "$args" == *" all 
     ("$args" == *" check "* && " e2e ops " == *" $name "*) ||
     ("$args" == *" bench "* && " g3 g2 g1 profile profile3 wl3 wl2 " == *" $name "*) ]] && step "$name" "$@"; }
 
+# The op grid compiles a few hundred kernel variants: with pytest-xdist (its wheels carried in
+# .whl/, the machine has no network) 16 workers compile them in parallel.
+XDIST=""
+if ls .whl/pytest_xdist-*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-deps .whl/*.whl && XDIST="-n 16"
+fi
 cp docs/support-matrix.md "$OUT/support-matrix.md"
 run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
-run_if ops 300 $py -m pytest -q tests/conformance/test_ops.py --device cuda \
+run_if ops 420 $py -m pytest -q $XDIST tests/conformance/test_ops.py --device cuda \
     --support-matrix "$OUT/support-matrix.md"
 run_if g3 240 $bench --workload g3 --compare-hf --output-json "$OUT/g3.json"
 run_if g2 120 $bench --workload g2 --output-json "$OUT/g2.json"

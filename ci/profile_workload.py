@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     cli = parser.parse_args()
     args = argparse.Namespace(
-        seed=0, output_len_min=None, temperature=0.0, **WORKLOADS[cli.workload]
+        **{"seed": 0, "output_len_min": None, "temperature": 0.0, **WORKLOADS[cli.workload]}
     )
     prompts = _prompts(args, get_preset(args.model))
     llm = LLM(
@@ -41,9 +41,11 @@ def main() -> None:
     execute = runner.execute
 
     def timed_execute(batch):  # noqa: ANN001, ANN202
+        kind = "decode-only" if max(batch.num_new_tokens) == 1 else "with prefill"
+        if kind == "with prefill" and stats[kind][0] == 3:
+            return _traced(execute, batch)
         start = time.perf_counter()
         result = execute(batch)
-        kind = "decode-only" if max(batch.num_new_tokens) == 1 else "with prefill"
         entry = stats[kind]
         entry[0] += 1
         entry[1] += time.perf_counter() - start
@@ -67,7 +69,32 @@ def main() -> None:
     print(f"{cli.workload}: LLM.generate {wall:.2f} s")
     for kind, (count, seconds, tokens) in stats.items():
         per = 1e3 * seconds / max(count, 1)
-        print(f"  {kind:<20} {count:5d} steps {seconds:7.2f} s ({per:.2f} ms/step, {tokens} tokens)")
+        print(
+            f"  {kind:<20} {count:5d} steps {seconds:7.2f} s ({per:.2f} ms/step, {tokens} tokens)"
+        )
+
+
+def _traced(execute, batch):  # noqa: ANN001, ANN202
+    """Run one step under torch.profiler and print its costliest kernels and host calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = execute(batch)
+        torch.cuda.synchronize()
+    n = sum(batch.num_new_tokens)
+    print(f"-- one step with prefill: {len(batch.seqs)} sequences, {n} tokens")
+    print(
+        prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50
+        )
+    )
+    print(
+        prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50
+        )
+    )
+    return result
 
 
 if __name__ == "__main__":

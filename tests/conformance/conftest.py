@@ -8,7 +8,7 @@ import pytest
 
 from hwlm.backend import Backend
 from hwlm.registry import select_backend
-from tests.conformance.support_matrix import record, write_matrix
+from tests.conformance.support_matrix import record, tag, write_matrix
 
 _results: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
 
@@ -25,11 +25,17 @@ def backend(device: str) -> Backend:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
-    report = outcome.get_result()
-    record(_results, item, report)
+    tag(item, outcome.get_result())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Runs where results are collected: in-process, or on pytest-xdist's controller."""
+    record(_results, report)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes
+        return
     path = session.config.getoption("--support-matrix")
     if path and _results:
         write_matrix(path, session.config.getoption("--device"), _results)

@@ -36,10 +36,20 @@ def family_of(item: pytest.Item) -> tuple[str, str] | None:
     return None
 
 
-def record(results: Results, item: pytest.Item, report: pytest.TestReport) -> None:
+FAMILY = "hwlm_family"  # the user property that carries a report's family (to xdist's controller)
+
+
+def tag(item: pytest.Item, report: pytest.TestReport) -> None:
     key = family_of(item)
-    if key is None or not (report.when == "call" or report.outcome != "passed"):
+    if key is not None:
+        report.user_properties.append((FAMILY, key))
+
+
+def record(results: Results, report: pytest.TestReport) -> None:
+    found = [value for name, value in report.user_properties if name == FAMILY]
+    if not found or not (report.when == "call" or report.outcome != "passed"):
         return
+    key = (str(found[0][0]), str(found[0][1]))
     reason = ""
     if report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[2]).removeprefix("Skipped: ")
