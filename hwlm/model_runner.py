@@ -45,6 +45,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler()
         backend.prepare_model(model)
+        if backend.device.type != "cpu":  # compile kernels and size the allocator up front
+            self.warm_up(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len)
         self.decode_runner: DecodeRunner | None = None
         if not config.enforce_eager:
             self.decode_runner = backend.capture_decode(
@@ -64,6 +66,32 @@ class ModelRunner:
                 return [], None
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             return inputs.sample_seqs, self.sampler(logits, inputs.sample_seqs)
+
+    def warm_up(self, num_tokens: int, num_seqs: int, max_model_len: int) -> None:
+        """One forward of a dummy step as large as the scheduler allows: decode rows beside a
+        long prefill row. It writes no KV (slots -1) and reads only block 0. The first real
+        steps would otherwise pay for kernel compilation and allocator growth."""
+        decodes = min(num_seqs - 1, num_tokens // 2)
+        prefill = min(num_tokens - decodes, max_model_len)
+        q_lens = np.array([1] * decodes + [prefill], dtype=np.int64)
+        query_start = np.concatenate([[0], np.cumsum(q_lens)])
+        positions = np.arange(query_start[-1]) - np.repeat(query_start[:-1], q_lens)
+        blocks = -(-prefill // self.block_size)
+        ids, pos, slots, rows = self._upload(
+            [np.zeros(positions.size, np.int64), positions, np.full(positions.size, -1),
+             query_start[1:] - 1],
+            torch.int64,
+        )  # fmt: skip
+        qsl, lens, tables = self._upload(
+            [query_start, q_lens, np.zeros((len(q_lens), blocks))], torch.int32
+        )
+        metadata = AttentionMetadata(
+            qsl, lens, tables.view(len(q_lens), blocks), slots, prefill, prefill
+        )
+        with torch.inference_mode():
+            ctx = ForwardContext(self.backend, self.kv_caches, metadata)
+            self.model.compute_logits(self.model(ids, pos, ctx)[rows])
+        self.backend.synchronize()
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         metadata = inputs.metadata
