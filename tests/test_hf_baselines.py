@@ -86,3 +86,17 @@ def test_baselines_agree_with_unpadded_generate(tiny_model, prompts) -> None:
         for prompt, out in zip(prompts, generate.output_token_ids, strict=True):
             ref = tiny_model.generate(input_ids=torch.tensor([prompt]), generation_config=config)
             assert ref[0, len(prompt) :].tolist() == out
+
+
+def test_saved_folder_declares_the_presets_dtype(tmp_path) -> None:
+    """Weights are built in float32, but config.json must say what the real model uses, so that
+    hwlm's dtype="auto" runs the benchmark in the same dtype as the model it stands for."""
+    import json
+
+    from hwlm.bench.hf_baselines import build_hf_model
+    from hwlm.presets import get_preset
+
+    preset = {**get_preset("hwlm-tiny"), "torch_dtype": "bfloat16"}
+    build_hf_model(preset, str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"

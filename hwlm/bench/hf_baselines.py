@@ -13,11 +13,13 @@ transformers is imported lazily, inside the functions, so importing hwlm does no
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,7 +69,18 @@ def build_hf_model(config_dict: dict[str, Any], folder: str, seed: int = 0) -> P
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)  # transformers 5 always writes safetensors
+    _declare_dtype(Path(folder) / "config.json", config_dict.get("torch_dtype"))
     return model
+
+
+def _declare_dtype(config_path: Path, dtype: str | None) -> None:
+    """Put the preset's dtype back into the saved config.json: save_pretrained records the
+    float32 it built in, and hwlm's ``dtype="auto"`` would then run a bfloat16 model in float32."""
+    if not dtype:
+        return
+    config = json.loads(config_path.read_text())
+    config["dtype"] = config["torch_dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _greedy_config(output_len: int, **overrides: Any) -> GenerationConfig:
