@@ -224,9 +224,13 @@ class _Request:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://localhost:8000")
+    parser.add_argument(
+        "--base-url", default="http://localhost:8000", help="the server (default: %(default)s)"
+    )
     parser.add_argument("--model", default=None, help="default: the server's first model")
-    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument(
+        "--num-prompts", type=int, default=100, help="requests to send (default: %(default)s)"
+    )
     parser.add_argument("--input-len", type=int, default=32, help="words per random prompt")
     parser.add_argument("--output-len", type=int, default=16, help="max_tokens per request")
     parser.add_argument(
@@ -235,15 +239,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=math.inf,
         help="requests per second, Poisson arrivals (default: inf, all at once)",
     )
-    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: all)"
+    )
     parser.add_argument(
         "--abort-fraction",
         type=float,
         default=0.0,
         help="share of requests abandoned mid-stream (0..1)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="prompts and arrivals (default: 0)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)"
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("HWLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
