@@ -272,3 +272,18 @@ def test_onednn_can_be_switched_off(monkeypatch):
     assert model.logits_kernel is None
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
     cpu_linear.onednn_usable.cache_clear()
+
+
+def test_packed_linear_rounds_rows_up_and_returns_only_the_real_ones():
+    from hwlm.backends.cpu_linear import PackedLinear, bucket_rows
+
+    assert [bucket_rows(m) for m in (1, 16, 17, 33, 4803)] == [1, 16, 18, 36, 5120]
+    assert all(m <= bucket_rows(m) <= 1.125 * m + 1 for m in range(1, 5000))
+    assert len({bucket_rows(m) for m in range(1, 8193)}) < 100  # a bounded set of shapes
+    weight, bias = torch.randn(24, 40), torch.randn(24)
+    layer = PackedLinear(weight, bias)
+    for shape in [(17, 40), (3, 11, 40)]:  # 17 and 33 rows: both padded inside
+        x = torch.randn(*shape)
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 24)
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
