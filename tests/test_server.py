@@ -36,7 +36,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from hwlm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError  # noqa: E402
-from tests.server_helpers import ROOT, free_port, sse_events, wait_ready  # noqa: E402
+from tests.server_helpers import ROOT, free_port, server_process, sse_events, wait_ready  # noqa: E402
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256
@@ -233,33 +233,13 @@ def _wait_until(condition: Any, timeout: float = 5.0) -> None:
 
 @pytest.fixture(scope="module")
 def server(device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    args = ["hwlm-tiny", "--device", device, "--host", "127.0.0.1", "--port", str(port)]
+    args = ["hwlm-tiny", "--device", device]
     args += ["--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64"]
-    env = {**os.environ, "HWLM_API_KEY": ""}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hwlm.server", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, proc, log, {"Authorization": f"Bearer {API_KEY}"})
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with server_process(args, log, headers, env={"HWLM_API_KEY": ""}) as base_url:
         yield base_url
-    finally:
-        proc.terminate()  # SIGTERM: a clean shutdown
-        try:
-            code = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        text = log.read_text()
-        assert code == 0, text
-        assert API_KEY not in text, "the API key must never be logged"
+    assert API_KEY not in log.read_text(), "the API key must never be logged"
 
 
 @pytest.fixture()
