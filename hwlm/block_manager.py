@@ -89,7 +89,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_ids))
+        # With a step in flight, computed positions may run one past the known token ids.
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        num_full = min(computed // bs, len(seq.block_ids))
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[-1] if seq.block_hashes else None

@@ -77,6 +77,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="never capture decode graphs (always run eagerly)",
     )
+    engine.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule the next step while the device runs this one (default: on for GPUs)",
+    )
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -106,6 +112,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         load_format=args.load_format,
         tokenizer=args.tokenizer,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
 
 

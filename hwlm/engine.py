@@ -23,9 +23,9 @@ from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutpu
 from hwlm.parallel_sampling import catch_up_forks, fork_ready_samples, reported_samples
 from hwlm.registry import select_backend
 from hwlm.request_checks import check_params, tokenize_bad_words
-from hwlm.sampler import SamplerOutput, TopLogprobs
+from hwlm.sampler import SampledBatch, SamplerOutput, TopLogprobs
 from hwlm.sampling_params import SamplingParams
-from hwlm.scheduler import Scheduler
+from hwlm.scheduler import ScheduledBatch, Scheduler
 from hwlm.sequence import Sequence
 from hwlm.stop_checker import check_stop
 from hwlm.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
@@ -50,6 +50,9 @@ class EngineArgs:
     tokenizer: str | None = None
     enforce_eager: bool = False
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for; -1: any
+    # Overlap host and device: schedule step n + 1 while step n runs. None: on for GPUs (on a
+    # CPU the forward runs on the host anyway, so there is nothing to overlap).
+    async_scheduling: bool | None = None
 
 
 class LLMEngine:
@@ -101,6 +104,12 @@ class LLMEngine:
         # On (AsyncLLMEngine): only that request is dropped; take_failed_requests() reports it.
         self.isolate_request_errors = False
         self._failed: list[tuple[str, Exception]] = []
+        self.async_scheduling = (
+            args.async_scheduling
+            if args.async_scheduling is not None
+            else self.backend.device.type != "cpu"
+        )
+        self._in_flight: _LaunchedStep | None = None  # launched, tokens not yet read back
 
     # Set-up -----------------------------------------------------------------------------------
 
@@ -237,24 +246,66 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that finished in it, and of
-        streamed requests that got a token."""
+        streamed requests that got a token.
+
+        With overlapped steps (``async_scheduling``) the batch is launched before the previous
+        one's tokens are read back: the device runs step n while the host schedules and prepares
+        step n + 1, and the outputs returned are those of step n."""
+        if self._in_flight is not None and self._must_drain(self._in_flight):
+            return self._drain()
         batch = self.scheduler.schedule()
-        if batch.is_empty():
-            return []
+        launched = None if batch.is_empty() else self._launch(batch)
+        outputs = self._drain()
+        if self.async_scheduling:
+            self._in_flight = launched
+        elif launched is not None:
+            outputs = self._finish(launched)
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> _LaunchedStep:
+        """Queue ``batch`` on the device and advance every sequence as if it had run."""
         parents = self._fork_samples(batch.seqs, batch.num_new_tokens)
-        _, sampled = self.runner.execute(batch)
+        sampled = self.runner.launch(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_computed_blocks(seq)
         catch_up_forks(parents)
-        if sampled is None:
-            return []
-        sampled_seqs = sampled.seqs  # forks included
-        finished = self._append_tokens(sampled_seqs, sampled)
         for parent in parents:
             parent.pending_forks = []
+        for row, seq in enumerate(sampled.seqs if sampled is not None else ()):
+            seq.num_pending_tokens += 1
+            seq.pending_row = row
+        return _LaunchedStep(batch.seqs, sampled)
+
+    def _drain(self) -> list[RequestOutput]:
+        """Finish the step in flight, if any."""
+        step, self._in_flight = self._in_flight, None
+        return [] if step is None else self._finish(step)
+
+    def _must_drain(self, step: _LaunchedStep) -> bool:
+        """Whether the next step can only be scheduled once ``step``'s tokens are on the host:
+        a sampler that reads the generated tokens (penalties, bad words, min_tokens), or a
+        cache so full that scheduling might preempt a sequence with a token in flight."""
+        if step.sampled is not None and any(
+            s.params.needs_output_history for s in step.sampled.seqs
+        ):
+            return True
+        running = len(self.scheduler.running)
+        budget_blocks = self.config.blocks_for_tokens(self.config.max_num_batched_tokens)
+        return self.block_manager.num_free_blocks < 2 * running + budget_blocks
+
+    def _finish(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Bring ``step``'s tokens to the host and apply them: tokens, stops, outputs."""
+        out = step.sampled.to_output() if step.sampled is not None else None
+        for seq in step.seqs:
+            if not seq.is_finished:
+                self.block_manager.cache_computed_blocks(seq)
+        if out is None:
+            return []
+        for seq in out.seqs:
+            seq.num_pending_tokens -= 1
+        finished = self._append_tokens(out.seqs, out)
         outputs = self._collect_outputs(finished, finished=True)
-        streamed = {s.request_id for s in sampled_seqs if s.stream}
+        streamed = {s.request_id for s in out.seqs if s.stream}
         streamed = {r for r in streamed if r in self._requests} - set(finished)
         return outputs + self._collect_outputs(sorted(streamed), finished=False)
 
@@ -294,8 +345,8 @@ class LLMEngine:
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
         finished: list[str] = []
         for i, seq in enumerate(seqs):
-            if seq.request_id not in self._requests:
-                continue  # failed earlier in this step (another sequence of the request)
+            if seq.request_id not in self._requests or seq.is_finished:
+                continue  # failed earlier in this step, aborted, or stopped by the step before
             try:
                 stopped = self._append_token(seq, i, out)
             except Exception as exc:
@@ -385,6 +436,12 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+@dataclass
+class _LaunchedStep:
+    seqs: list[Sequence]  # the scheduled sequences
+    sampled: SampledBatch | None  # their samples, on the device
 
 
 def _local_folder(path: str) -> str | None:

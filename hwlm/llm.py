@@ -27,6 +27,8 @@ class LLM:
     ``num_kv_blocks`` fixes the KV cache size exactly, overriding ``memory_utilization``
     (``gpu_memory_utilization`` is accepted as another name for it). ``enforce_eager=True``
     turns off CUDA graphs (decode steps then run the model eagerly, as prefills do).
+    ``async_scheduling`` overlaps the host's work with the device's (step n + 1 is scheduled and
+    launched while step n runs); the default, None, turns it on for GPUs and off on the CPU.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LLM:
         tokenizer: str | None = None,
         enforce_eager: bool = False,
         max_logprobs: int = 20,
+        async_scheduling: bool | None = None,
     ) -> None:
         if memory_utilization is not None and gpu_memory_utilization is not None:
             if memory_utilization != gpu_memory_utilization:
@@ -70,6 +73,7 @@ class LLM:
                 tokenizer=tokenizer,
                 enforce_eager=enforce_eager,
                 max_logprobs=max_logprobs,
+                async_scheduling=async_scheduling,
             )
         )
         self._request_counter = itertools.count()

@@ -17,7 +17,7 @@ from hwlm.backend import Backend, DecodeRunner
 from hwlm.config import EngineConfig
 from hwlm.models import CausalLM
 from hwlm.prompt_logprobs import record_prompt_logprobs
-from hwlm.sampler import Sampler, SamplerOutput
+from hwlm.sampler import SampledBatch, Sampler
 from hwlm.scheduler import ScheduledBatch
 from hwlm.sequence import Sequence
 
@@ -44,6 +44,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = config.block_size
         self.sampler = Sampler()
+        self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
         backend.prepare_model(model)
         if backend.device.type != "cpu":  # compile kernels and size the allocator up front
             self.warm_up(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len)
@@ -53,8 +54,10 @@ class ModelRunner:
                 model, kv_caches, config.max_num_seqs, config.max_model_len
             )
 
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step; returns the sequences that got a new token and what was sampled."""
+    def launch(self, batch: ScheduledBatch) -> SampledBatch | None:
+        """Queue one step on the device: inputs, forward, logits and sampling. Returns the
+        sampled tokens, still on the device (None when no sequence samples in this step). Only
+        prompt logprobs read results back before returning."""
         if batch.copies:
             self.backend.copy_blocks(self.kv_caches, batch.copies)
         inputs = self.prepare(batch)
@@ -63,9 +66,11 @@ class ModelRunner:
             if any(s.wants_prompt_logprobs for s in batch.seqs):
                 record_prompt_logprobs(batch, hidden, self.model.compute_logits)
             if not inputs.sample_seqs:
-                return [], None
+                return None
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            return inputs.sample_seqs, self.sampler(logits, inputs.sample_seqs)
+            sampled = self.sampler.sample(logits, inputs.sample_seqs)
+        self._last_sampled = sampled.token_ids
+        return sampled
 
     def warm_up(self, num_tokens: int, num_seqs: int, max_model_len: int) -> None:
         """One forward of a dummy step as large as the scheduler allows: decode rows beside a
@@ -104,36 +109,32 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's flattened inputs and AttentionMetadata, built with whole-array numpy ops
         (a Python loop over 256 sequences costs more than a small model's forward) and sent to
-        the device in two copies."""
+        the device in two copies. A token still in flight (sampled by the step before, see
+        ``Sequence.num_pending_tokens``) is copied into place on the device."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
         seq_lens = starts + np.asarray(counts, dtype=np.int64)
         query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         max_query_len = int(max(counts))
-        if max_query_len == 1:  # decode-shaped: each sequence's next token
-            input_ids = np.fromiter(
-                (s.token_ids[p] for s, p in zip(seqs, starts.tolist(), strict=True)), np.int64
-            )
-            positions = starts
-            token_seq = np.arange(len(seqs))
-        else:
-            chunks = (
-                s.token_ids[p : p + n]
-                for s, p, n in zip(seqs, starts.tolist(), counts, strict=True)
-            )
-            input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int64)
-            token_seq = np.repeat(np.arange(len(seqs)), counts)
-            positions = np.arange(input_ids.size) - query_start[token_seq] + starts[token_seq]
+        input_ids, token_seq = _input_ids(seqs, starts, counts, max_query_len)
+        positions = np.arange(input_ids.size) - query_start[token_seq] + starts[token_seq]
         block_tables = _block_tables(seqs)
         bs = self.block_size
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = seq_lens == np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
+        full_lens = np.fromiter((s.num_tokens_with_pending for s in seqs), np.int64, len(seqs))
+        sampling = seq_lens == full_lens
         sample_rows = query_start[1:][sampling] - 1
         sample_seqs = [s for s, last in zip(seqs, sampling.tolist(), strict=True) if last]
-        ids, pos, slot_mapping, rows = self._upload(
-            [input_ids, positions, slots, sample_rows], torch.int64
+        pending = [i for i, s in enumerate(seqs) if s.num_pending_tokens]
+        pending_src = np.fromiter((seqs[i].pending_row for i in pending), np.int64, len(pending))
+        ids, pos, slot_mapping, rows, dst, src = self._upload(
+            [input_ids, positions, slots, sample_rows, query_start[1:][pending] - 1, pending_src],
+            torch.int64,
         )
+        if pending:
+            assert self._last_sampled is not None, "a token in flight without a sampling step"
+            ids.index_copy_(0, dst, self._last_sampled.index_select(0, src))
         qsl, lens, tables = self._upload([query_start, seq_lens, block_tables], torch.int32)
         metadata = AttentionMetadata(
             query_start_loc=qsl,
@@ -146,13 +147,44 @@ class ModelRunner:
         return StepInputs(ids, pos, metadata, rows, sample_seqs)
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        """``arrays`` as 1-D tensors of ``dtype`` on the device, through one host buffer."""
-        flat = np.concatenate([a.ravel() for a in arrays]).astype(_NUMPY[dtype], copy=False)
+        """``arrays`` as 1-D tensors of ``dtype`` on the device, through one host buffer.
+
+        Each array starts on a 16-byte boundary: Triton specialises kernels on pointer
+        alignment, so unaligned offsets that vary with the batch would compile new variants."""
+        itemsize = np.dtype(_NUMPY[dtype]).itemsize
+        per_line = 16 // itemsize
+        sizes = [a.size for a in arrays]
+        offsets = np.concatenate([[0], np.cumsum([-(-n // per_line) * per_line for n in sizes])])
+        flat = np.zeros(int(offsets[-1]), dtype=_NUMPY[dtype])
+        for a, start in zip(arrays, offsets.tolist(), strict=False):
+            flat[start : start + a.size] = a.ravel()
         host = torch.from_numpy(flat)
         device = self.backend.device
         if device.type != "cpu":
             host = host.pin_memory().to(device, non_blocking=True)
-        return list(host.split([a.size for a in arrays]))
+        return [host[o : o + n] for o, n in zip(offsets.tolist(), sizes, strict=False)]
+
+
+def _input_ids(
+    seqs: list[Sequence], starts: np.ndarray, counts: list[int], max_query_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every scheduled token's id (0 for a token still in flight) and its sequence's index."""
+    if max_query_len == 1:  # decode-shaped: each sequence's next token
+        ids = np.fromiter(
+            (
+                s.token_ids[p] if p < len(s.token_ids) else 0
+                for s, p in zip(seqs, starts.tolist(), strict=True)
+            ),
+            np.int64,
+            len(seqs),
+        )
+        return ids, np.arange(len(seqs))
+    chunks = []
+    for s, p, n in zip(seqs, starts.tolist(), counts, strict=True):
+        chunk = s.token_ids[p : p + n]
+        chunks.append(chunk if len(chunk) == n else chunk + [0])  # the last one is in flight
+    ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int64, sum(counts))
+    return ids, np.repeat(np.arange(len(seqs)), counts)
 
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hwlm.sequence import Sequence
+from hwlm.transfer import to_device
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PenaltyTensors:
             prompt_ids = _padded(prompts, vocab_size, device)
 
         def column(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).to(device)
+            return to_device([getattr(p, name) for p in params], torch.float32, device)
 
         return cls(
             output_ids=_padded(outputs, vocab_size, device),
@@ -70,7 +71,7 @@ def _padded(rows: list[np.ndarray], pad: int, device: torch.device) -> torch.Ten
     out = np.full((len(rows), width), pad, np.int64)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
-    return torch.from_numpy(out).to(device)
+    return to_device(out, torch.int64, device)
 
 
 def apply_penalties(logits: torch.Tensor, t: PenaltyTensors) -> torch.Tensor:

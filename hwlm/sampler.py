@@ -24,6 +24,7 @@ import torch
 from hwlm.penalties import PenaltyTensors, apply_penalties
 from hwlm.sequence import Sequence
 from hwlm.token_constraints import TokenConstraints
+from hwlm.transfer import to_device
 from hwlm.truncation import truncate
 
 _SORT_LIMIT = 1024  # more candidates than this are put in vocabulary order by a dense scatter
@@ -39,8 +40,56 @@ class SamplerOutput:
     seqs: list[Sequence]  # the sequence of each row: the sampled ones, forks included
 
 
+class SampledBatch:
+    """A step's samples while they are still on the device.
+
+    Creating one starts the copy to the host without waiting; ``to_output`` waits for it. Between
+    the two the host is free to prepare and launch the next step, which reads ``token_ids`` on
+    the device (see ``hwlm.engine``, overlapped steps)."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        wanted: list[int | None],
+        seqs: list[Sequence],
+    ) -> None:
+        self.token_ids = token_ids
+        self.seqs = seqs
+        self._wanted = wanted
+        self._host, self._ready = _start_host_copy([token_ids, logprobs, *(top or ())])
+
+    def to_output(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, logprobs, *top = (t.tolist() for t in self._host)
+        rows: list[TopLogprobs | None] = [None] * len(self.seqs)
+        if top:
+            top_ids, top_values, ranks = top
+            rows = _format_top(top_ids, top_values, ranks, self._wanted)
+        return SamplerOutput(tokens, logprobs, rows, self.seqs)
+
+
+def _start_host_copy(
+    tensors: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    if tensors[0].device.type != "cuda":  # CPU tensors are there already (others: copied late)
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sample(logits, seqs).to_output()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+        """Select every row's next token without reading anything back to the host."""
         logits, seqs = _expand_forks(logits, seqs)
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
@@ -51,15 +100,15 @@ class Sampler:
         else:
             tokens = sample(logits, seqs)
             if any(greedy):
-                mask = torch.tensor(greedy, device=logits.device)
+                mask = to_device(greedy, torch.bool, logits.device)
                 tokens = torch.where(mask, logits.argmax(dim=-1), tokens)
         # The sampled tokens' logprobs need one reduction, not a [batch, vocab] log_softmax.
         token_logprobs = (raw.gather(1, tokens[:, None]) - log_total).squeeze(1)
         wanted = [s.params.logprobs for s in seqs]
-        top: list[TopLogprobs | None] = [None] * len(seqs)
+        top = None
         if any(n is not None for n in wanted):
             top = top_logprobs(raw - log_total, tokens, wanted)
-        return SamplerOutput(tokens.tolist(), token_logprobs.tolist(), top, seqs)
+        return SampledBatch(tokens, token_logprobs, top, wanted, seqs)
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -120,24 +169,31 @@ def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
 
 def top_logprobs(
     raw_logprobs: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]
-) -> list[TopLogprobs | None]:
-    """Per row: the N best (ids, logprobs) and the sampled token's rank (1 = best); N = -1 means
-    the whole vocabulary; None where no logprobs were asked for."""
-    if all(n is None for n in wanted):
-        return [None] * len(wanted)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the device: the N best ids and logprobs of every row (N: the most any row wants; -1
+    means the whole vocabulary) and the sampled token's rank (1 = best)."""
     vocab = raw_logprobs.shape[1]
-    counts = [vocab if n == -1 else min(n or 0, vocab) for n in wanted]
-    k = max(counts)
+    k = max(vocab if n == -1 else min(n or 0, vocab) for n in wanted)
     top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
     chosen = raw_logprobs.gather(1, tokens[:, None])
-    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
-    ids_rows, val_rows = top_ids.tolist(), top_vals.tolist()
+    ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+    return top_ids, top_vals, ranks
+
+
+def _format_top(
+    ids_rows: list[list[int]],
+    val_rows: list[list[float]],
+    ranks: list[int],
+    wanted: list[int | None],
+) -> list[TopLogprobs | None]:
+    """Per row, its own N of the best (ids, logprobs) and its rank; None where none was asked."""
     out: list[TopLogprobs | None] = []
-    for i, (n, count) in enumerate(zip(wanted, counts, strict=True)):
+    for ids, vals, rank, n in zip(ids_rows, val_rows, ranks, wanted, strict=True):
         if n is None:
             out.append(None)
         else:
-            out.append((ids_rows[i][:count], val_rows[i][:count], int(ranks[i])))
+            count = len(ids) if n == -1 else min(n, len(ids))
+            out.append((ids[:count], vals[:count], int(rank)))
     return out
 
 
@@ -152,7 +208,7 @@ def _expand_forks(
         for member in (seq, *seq.pending_forks):
             rows.append(i)
             expanded.append(member)
-    return logits[torch.tensor(rows, device=logits.device)], expanded
+    return logits[to_device(rows, torch.int64, logits.device)], expanded
 
 
 def _generator(seq: Sequence, device: torch.device) -> torch.Generator:

@@ -131,6 +131,11 @@ class SamplingParams:
         )
 
     @property
+    def needs_output_history(self) -> bool:
+        """Whether sampling the next token reads the tokens generated so far."""
+        return self.has_penalties or bool(self.bad_words) or self.min_tokens > 0
+
+    @property
     def stop_strings(self) -> list[str]:
         """``stop`` as a list (also when reassigned after construction)."""
         if self.stop is None:

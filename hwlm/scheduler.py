@@ -7,6 +7,10 @@ order, then waiting ones, first come first served. A prompt longer than what is 
 is cut into chunks over several steps. When the KV cache runs out, the most recently arrived
 running sequence is preempted: its blocks are freed and it is recomputed later (its cached prefix
 blocks usually survive, so resuming is cheap).
+
+With overlapped steps (``hwlm.engine``) a sequence may have a token in flight: sampled by the step
+still running on the device. It counts as known here (``num_tokens_with_pending``), so the next
+step computes it; a sequence that the token in flight will end by length is left out.
 """
 
 from __future__ import annotations
@@ -68,7 +72,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.stops_by_length_when_pending_lands(self.config.max_model_len):
+                i += 1  # finishes once its token in flight lands: nothing more to compute
+                continue
+            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
                 preempted = True
                 victim = self.running.pop()

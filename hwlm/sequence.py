@@ -44,6 +44,10 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of this sequence's cached full blocks
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens that came from the prefix cache
+        # Overlapped steps: a token sampled on the device but not yet appended to token_ids, and
+        # its row in that step's sampled tokens (the next step reads it there, on the device).
+        self.num_pending_tokens = 0
+        self.pending_row = -1
         # Results.
         self.cumulative_logprob = 0.0
         self.logprobs: SampleLogprobs | None = [] if params.logprobs is not None else None
@@ -104,6 +108,24 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """The length once the tokens sampled in a step still in flight are appended."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    def stops_by_length_when_pending_lands(self, max_model_len: int) -> bool:
+        """True if a token in flight will end this sequence by max_tokens or the length limit
+        (so scheduling it again would compute a token nobody keeps)."""
+        if not self.num_pending_tokens:
+            return False
+        max_tokens = self.params.max_tokens
+        if (
+            max_tokens is not None
+            and self.num_output_tokens + self.num_pending_tokens >= max_tokens
+        ):
+            return True
+        return self.num_tokens_with_pending >= max_model_len
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hwlm.sequence import Sequence
+from hwlm.transfer import to_device
 
 _Index = tuple[list[int], list[int]]  # (rows, token ids)
 
@@ -54,7 +55,7 @@ class TokenConstraints:
             logits[rows, cols] = float("-inf")
         if self.bias is not None:
             rows, cols = _tensors((self.bias[0], self.bias[1]), device)
-            values = torch.tensor(self.bias[2], dtype=logits.dtype, device=device)
+            values = to_device(self.bias[2], logits.dtype, device)
             logits.index_put_((rows, cols), values, accumulate=True)
         return logits
 
@@ -62,8 +63,8 @@ class TokenConstraints:
 def _tensors(index: _Index, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = index
     return (
-        torch.tensor(rows, dtype=torch.int64, device=device),
-        torch.tensor(cols, dtype=torch.int64, device=device),
+        to_device(rows, torch.int64, device),
+        to_device(cols, torch.int64, device),
     )
 
 

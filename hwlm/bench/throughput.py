@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap host and device work (default: on for GPUs)",
+    )
     add_sampling_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
@@ -219,6 +225,7 @@ def _run_hwlm(
         max_model_len=args.input_len_max + args.output_len + 1,
         tokenizer=str(TOKENIZER_DIR),  # prompts are token ids; a folder built here has none
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
     params = [
         SamplingParams(**sampling_kwargs(args), max_tokens=n, ignore_eos=True)
