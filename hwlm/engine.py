@@ -78,21 +78,16 @@ class LLMEngine:
             resolved, self.model_config, self.backend, self.dtype, args.load_format, args.seed
         )
         logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
+        self.runner = ModelRunner(model, self.backend, self.config)
+        if self.backend.device.type != "cpu":  # the budget below then counts a step's peak
+            self.runner.warm_up(self._allocate_kv_cache(1))
         num_blocks = self._num_kv_blocks()
-        kv_caches = self.backend.allocate_kv_cache(
-            self.model_config.num_layers,
-            num_blocks,
-            self.config.block_size,
-            self.model_config.num_kv_heads,
-            self.model_config.head_size,
-            self.dtype,
-        )
+        self.runner.attach_kv_caches(self._allocate_kv_cache(num_blocks))
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
         self.block_manager = BlockManager(
             num_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.runner = ModelRunner(model, self.backend, kv_caches, self.config)
         self.eos_token_ids = self._eos_token_ids()
         self.max_logprobs = args.max_logprobs
         self.sampling_defaults = load_sampling_defaults(
@@ -143,6 +138,17 @@ class LLMEngine:
         chosen = self.backend.preferred_dtype
         logger.info("dtype auto: %s runs %s models in %s", self.backend.name, wanted, chosen)
         return chosen
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
+        m = self.model_config
+        return self.backend.allocate_kv_cache(
+            m.num_layers,
+            num_blocks,
+            self.config.block_size,
+            m.num_kv_heads,
+            m.head_size,
+            self.dtype,
+        )
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config

@@ -18,6 +18,7 @@ from hwlm.config import EngineConfig
 from hwlm.models import CausalLM
 from hwlm.prompt_logprobs import record_prompt_logprobs
 from hwlm.sampler import SampledBatch, Sampler
+from hwlm.sampling_params import SamplingParams
 from hwlm.scheduler import ScheduledBatch
 from hwlm.sequence import Sequence
 
@@ -36,22 +37,26 @@ class ModelRunner:
         self,
         model: CausalLM,
         backend: Backend,
-        kv_caches: list[torch.Tensor],
         config: EngineConfig,
     ) -> None:
+        """``attach_kv_caches`` completes it: the cache is sized after ``warm_up`` has shown
+        what the forward itself needs."""
         self.model = model
         self.backend = backend
-        self.kv_caches = kv_caches
+        self.config = config
         self.block_size = config.block_size
+        self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
-        backend.prepare_model(model)
-        if backend.device.type != "cpu":  # compile kernels and size the allocator up front
-            self.warm_up(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len)
         self.decode_runner: DecodeRunner | None = None
-        if not config.enforce_eager:
-            self.decode_runner = backend.capture_decode(
-                model, kv_caches, config.max_num_seqs, config.max_model_len
+        backend.prepare_model(model)
+
+    def attach_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """Use ``kv_caches`` from now on, and capture the decode graphs over them."""
+        self.kv_caches = kv_caches
+        if not self.config.enforce_eager:
+            self.decode_runner = self.backend.capture_decode(
+                self.model, kv_caches, self.config.max_num_seqs, self.config.max_model_len
             )
 
     def launch(self, batch: ScheduledBatch) -> SampledBatch | None:
@@ -72,12 +77,16 @@ class ModelRunner:
         self._last_sampled = sampled.token_ids
         return sampled
 
-    def warm_up(self, num_tokens: int, num_seqs: int, max_model_len: int) -> None:
-        """One forward of a dummy step as large as the scheduler allows: decode rows beside a
-        long prefill row. It writes no KV (slots -1) and reads only block 0. The first real
-        steps would otherwise pay for kernel compilation and allocator growth."""
+    def warm_up(self, kv_caches: list[torch.Tensor]) -> None:
+        """One dummy step as large as the scheduler allows: decode rows beside a long prefill
+        row, then the logits of every row and a top-p draw over them (the sampler's costliest
+        path). It writes no KV (slots -1) and reads only block 0 of ``kv_caches``. Run before the
+        KV cache is sized, it shows the backend the peak memory of a step; it also compiles the
+        kernels the first real steps would otherwise wait for."""
+        cfg = self.config
+        num_tokens, num_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
         decodes = min(num_seqs - 1, num_tokens // 2)
-        prefill = min(num_tokens - decodes, max_model_len)
+        prefill = min(num_tokens - decodes, cfg.max_model_len)
         q_lens = np.array([1] * decodes + [prefill], dtype=np.int64)
         query_start = np.concatenate([[0], np.cumsum(q_lens)])
         positions = np.arange(query_start[-1]) - np.repeat(query_start[:-1], q_lens)
@@ -93,9 +102,12 @@ class ModelRunner:
         metadata = AttentionMetadata(
             qsl, lens, tables.view(len(q_lens), blocks), slots, prefill, prefill
         )
+        params = SamplingParams(temperature=1.0, top_p=0.5)
+        dummies = [Sequence(-1 - i, "warm-up", [0], params) for i in range(len(q_lens))]
         with torch.inference_mode():
-            ctx = ForwardContext(self.backend, self.kv_caches, metadata)
-            self.model.compute_logits(self.model(ids, pos, ctx)[rows])
+            ctx = ForwardContext(self.backend, kv_caches, metadata)
+            logits = self.model.compute_logits(self.model(ids, pos, ctx)[rows])
+            self.sampler.sample(logits, dummies).to_output()
         self.backend.synchronize()
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:

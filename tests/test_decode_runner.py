@@ -74,13 +74,23 @@ def test_enforce_eager_skips_the_hook(tmp_path, recording) -> None:
 
 def test_warm_up_step_writes_no_kv_and_leaves_the_engine_usable(tmp_path) -> None:
     hf_model = build_tiny_model("llama", tmp_path)
-    llm = LLM(str(tmp_path), device="cpu", block_size=4, max_model_len=64)
+    llm = LLM(
+        str(tmp_path),
+        device="cpu",
+        block_size=4,
+        max_model_len=64,
+        max_num_seqs=8,
+        max_num_batched_tokens=100,
+    )
     runner = llm.engine.runner
     for cache in runner.kv_caches:
         cache.normal_()
     before = [c.clone() for c in runner.kv_caches]
-    runner.warm_up(num_tokens=100, num_seqs=8, max_model_len=64)
+    runner.warm_up(runner.kv_caches)
     assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches, strict=True))
+    one_block = llm.engine._allocate_kv_cache(1)  # what the engine profiles memory with
+    runner.warm_up(one_block)
+    assert all(not c.any() for c in one_block)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     out = llm.generate([{"prompt_token_ids": [3, 4, 5]}], params, use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(hf_model, [3, 4, 5], 4)[0]
