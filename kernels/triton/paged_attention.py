@@ -188,7 +188,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block table's width changes from step to step; specialising on it (== 1, divisible by 16)
+# would compile new variants mid-run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _attention_kernel(
     out_ptr,
     part_acc_ptr,

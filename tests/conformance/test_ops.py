@@ -24,7 +24,12 @@ from tests.conformance.cases import (
     unsupported_reason,
 )
 
-FULL = dict(dtype=list(DTYPES), block_size=[1, 16, 12], gqa=[1, 2, 7, 8], head_size=[64, 80, 128])
+FULL = dict(
+    dtype=list(DTYPES),
+    block_size=[1, 12, 16, 32],
+    gqa=[1, 2, 7, 8],
+    head_size=[64, 80, 96, 128, 256],
+)
 QUICK = dict(dtype=["float32", "float16"], block_size=[16], gqa=[1, 7], head_size=[64])
 
 
