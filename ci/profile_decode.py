@@ -5,7 +5,9 @@
 Runs ``--batch`` requests of ``--context`` prompt tokens through prefill, then times decode steps
 three ways: the whole ``engine.step()`` (wall), each phase with a device synchronisation after it
 (input preparation, forward, logits, sampling, output processing), and the kernels of
-one eager forward from torch.profiler (grouped: matmuls, attention, KV writes, the rest).
+one eager forward from torch.profiler (grouped: matmuls, attention, KV writes, the rest). It does
+so for CUDA graphs with overlapped steps (wall time only: the phases overlap), CUDA graphs one
+step at a time, and eager.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=384)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    for eager in (False, True):
-        profile(args, eager)
+    for eager, overlap in ((False, True), (False, False), (True, False)):
+        profile(args, eager, overlap)
 
 
-def profile(args: argparse.Namespace, eager: bool) -> None:
+def profile(args: argparse.Namespace, eager: bool, overlap: bool) -> None:
     llm = LLM(
         args.model,
         load_format="dummy",
@@ -41,6 +43,7 @@ def profile(args: argparse.Namespace, eager: bool) -> None:
         max_model_len=args.context + 4 * args.steps + 8,
         tokenizer=str(TOKENIZER_DIR),
         enforce_eager=eager,
+        async_scheduling=overlap,
     )
     engine = llm.engine
     params = SamplingParams(temperature=1.0, max_tokens=3 * args.steps + 4, ignore_eos=True)
@@ -56,8 +59,8 @@ def profile(args: argparse.Namespace, eager: bool) -> None:
         start = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - start)
-    phases = _phase_times(engine, args.steps)
-    label = "eager" if eager else "CUDA graphs"
+    phases = {} if overlap else _phase_times(engine, args.steps)
+    label = ("eager" if eager else "CUDA graphs") + (", overlapped steps" if overlap else "")
     print(f"\n== {args.model}, decode batch {args.batch}, context ~{args.context}, {label}")
     print(f"engine.step() wall: median {1e3 * statistics.median(walls):.2f} ms")
     for name, values in phases.items():
@@ -91,7 +94,7 @@ def _phase_times(engine, steps: int) -> dict[str, list[float]]:  # noqa: ANN001
     runner.prepare = timed("prepare inputs", runner.prepare)
     runner._forward = timed("forward", runner._forward)
     runner.model.compute_logits = timed("logits", runner.model.compute_logits)
-    runner.sampler = timed("sampling", runner.sampler)
+    runner.sampler.sample = timed("sampling", runner.sampler.sample)
     engine._append_tokens = timed("append tokens, stop checks", engine._append_tokens)
     for _ in range(steps):
         start = time.perf_counter()
