@@ -57,7 +57,55 @@ def main() -> None:
                 f"{steps['prefill']} steps with prefill, {steps['decode']} decode-only, "
                 f"{compiles[0]} Triton compiles"
             )
+        if not overlap:
+            _step_breakdown(llm, prompts, params)
         del llm
+
+
+def _step_breakdown(llm: LLM, prompts: list, params: list) -> None:  # type: ignore[type-arg]
+    """One more run, timing every engine.step() (one step at a time, so a step's wall time is
+    its own) and grouping the steps: with prefill tokens, and decode-only by batch size."""
+    engine, runner = llm.engine, llm.engine.runner
+    launch, step = runner.launch, engine.step
+    current: list[tuple[str, int, int]] = []
+    groups: dict[str, list[float]] = {}
+
+    def recorded(batch):  # noqa: ANN001, ANN202
+        prefill = max(batch.num_new_tokens) > 1
+        current.append(("prefill" if prefill else "decode", len(batch.seqs), batch.total_tokens))
+        return launch(batch)
+
+    def timed():  # noqa: ANN202
+        start = time.perf_counter()
+        out = step()
+        elapsed = time.perf_counter() - start
+        if current:
+            kind, seqs, tokens = current.pop()
+            key = "with prefill" if kind == "prefill" else f"decode, {_bucket(seqs)} seqs"
+            entry = groups.setdefault(key, [0, 0.0, 0])
+            entry[0] += 1
+            entry[1] += elapsed
+            entry[2] += tokens
+        return out
+
+    runner.launch = recorded  # type: ignore[method-assign]
+    engine.step = timed  # type: ignore[method-assign]
+    llm.reset_prefix_cache()
+    llm.generate(prompts, params, use_tqdm=False)
+    runner.launch, engine.step = launch, step  # type: ignore[method-assign]
+    print("  steps of one more run, one step at a time:")
+    for key, (count, seconds, tokens) in sorted(groups.items()):
+        print(
+            f"    {key:<22} {count:5d} steps {seconds:7.2f} s "
+            f"({1e3 * seconds / count:6.2f} ms/step, {tokens} tokens)"
+        )
+
+
+def _bucket(n: int) -> str:
+    for low, high in ((1, 16), (17, 64), (65, 128), (129, 192), (193, 256)):
+        if n <= high:
+            return f"{low:3d}-{high:3d}"
+    return f"{n:3d}+"
 
 
 def _count_triton_compiles() -> list[int]:
