@@ -140,8 +140,19 @@ class CUDABackend(Backend):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._kernels.rms_norm(x, weight, eps, warp_size=self.warp_size)
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Writes the sum over ``residual`` (the Backend contract allows it): no extra buffer.
+        return self._kernels.add_rms_norm(x, residual, weight, eps, warp_size=self.warp_size)
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernels.silu_and_mul(x, warp_size=self.warp_size)
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kernels.rotary(q, k, cos, sin, warp_size=self.warp_size)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)

@@ -9,7 +9,8 @@ A backend is a class (one instance per device) with a handful of members:
 - ``allocate_kv_cache(...)``: one tensor per layer, layout ``[2, num_blocks, block_size,
   num_kv_heads, head_size]`` (see ``hwlm.attention``).
 - ``write_kv``, ``attention``, ``copy_blocks``: the paged-attention operations.
-- ``rms_norm`` and ``silu_and_mul``: optional fused ops; the defaults here are portable torch.
+- ``rms_norm``, ``add_rms_norm``, ``silu_and_mul`` and ``rotary``: optional fused ops; the
+  defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
 - ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
@@ -121,9 +122,31 @@ class Backend(ABC):
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(x + residual), x + residual)``: a decoder layer's residual add fused with
+        the next norm. The sum is rounded to the input dtype (as torch's add) before the norm.
+
+        ``x`` is left unchanged; an implementation may write the sum over ``residual``, so
+        callers must not read ``residual`` afterwards (only the returned sum)."""
+        new_residual = x + residual
+        return self.rms_norm(new_residual, weight, eps), new_residual
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding (rotate-half layout) of ``q`` [n, heads, d] and ``k`` [n, kv_heads,
+        d], which may be strided views, with ``cos``/``sin`` [n, 1, d // 2]. Returns new
+        contiguous tensors, rounded as ``hwlm.models.rotary.apply_rotary`` does; ``q`` and ``k``
+        are left unchanged."""
+        from hwlm.models.rotary import apply_rotary  # hwlm.models imports this module
+
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before the first forward; the default keeps torch's

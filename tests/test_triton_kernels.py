@@ -351,3 +351,152 @@ def test_fused_norm_and_activation_round_like_torch(dtype: torch.dtype, cols: in
     assert act_got.shape == (3, 5, cols)
     act_want = Backend.silu_and_mul(None, both)  # type: ignore[arg-type]
     torch.testing.assert_close(act_got, act_want, rtol=ulp, atol=ulp)
+
+
+@pytest.fixture
+def gpu_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the interpreter, round as a GPU does: ``tl.fma`` with one rounding (the interpreter
+    multiplies, rounds, then adds) and float32 -> bfloat16 casts to nearest (it truncates).
+    Compiled kernels need nothing."""
+    if not INTERPRET:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    convert = getattr(interpreter, "_convert_float", None)
+    if builder is None or convert is None or not hasattr(builder, "create_fma"):
+        pytest.skip("this triton's interpreter has no create_fma/_convert_float to adjust")
+
+    def fma(self, x, y, z):  # type: ignore[no-untyped-def]
+        exact = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
+        return interpreter.TensorHandle(exact.astype(z.data.dtype), z.dtype.scalar)
+
+    def to_nearest(data, src, dst, rounding_mode):  # type: ignore[no-untyped-def]
+        if src == tl.float32 and dst == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16)
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return convert(data, src, dst, rounding_mode)
+
+    monkeypatch.setattr(builder, "create_fma", fma)
+    monkeypatch.setattr(interpreter, "_convert_float", to_nearest)
+
+
+def _qkv_views(
+    rows: int, num_heads: int, num_kv_heads: int, d: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [rows, (h + 2 kv) d]; q and k as its strided views; cos/sin [rows, 1, d/2] as
+    ``RotaryEmbedding`` hands them over (views of one gathered cos|sin table)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [num_heads * d, num_kv_heads * d, num_kv_heads * d]
+    qkv = torch.randn(rows, sum(sizes), generator=g).to(dtype).to(DEVICE)
+    q, k, _ = qkv.split(sizes, dim=-1)
+    angles = torch.rand(rows, d // 2, generator=g) * 300
+    table = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype).to(DEVICE)
+    cos, sin = table.unsqueeze(1).chunk(2, dim=-1)
+    return qkv, q.view(rows, num_heads, d), k.view(rows, num_kv_heads, d), cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_size"), [(14, 2, 64), (4, 4, 80)])
+def test_rotary_equals_torch_bit_for_bit(
+    gpu_rounding: None, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int
+) -> None:
+    """Exactly ``apply_rotary`` on q and on k (the Backend default), computed by torch on the
+    CPU, whose ``addcmul_`` is one fused multiply-add in float32 (the kernel's ``tl.fma``)."""
+    from hwlm.backend import Backend
+
+    qkv, q, k, cos, sin = _qkv_views(9, num_heads, num_kv_heads, head_size, dtype, head_size)
+    before = qkv.clone()
+    q_got, k_got = tk.rotary(q, k, cos, sin)
+    assert q_got.is_contiguous() and k_got.is_contiguous()
+    assert q_got.shape == q.shape and k_got.shape == k.shape
+    assert torch.equal(qkv, before), "q and k must not be modified"
+    cpu = [t.cpu() for t in (q, k, cos, sin)]
+    q_want, k_want = Backend.rotary(None, *cpu)  # type: ignore[arg-type]
+    assert torch.equal(q_got.cpu(), q_want) and torch.equal(k_got.cpu(), k_want)
+    # cos/sin as [rows, d / 2], and contiguous q (Qwen3's normalised heads): the same result.
+    q2, k2 = tk.rotary(q.contiguous(), k, cos.squeeze(1), sin.squeeze(1))
+    assert torch.equal(q2, q_got) and torch.equal(k2, k_got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cols", [64, 1000])
+def test_add_rms_norm_equals_add_then_rms_norm(
+    gpu_rounding: None, dtype: torch.dtype, cols: int
+) -> None:
+    """The sum is torch's ``x + residual`` bit for bit, written over ``residual``; the norm is
+    exactly the (unfused) RMSNorm kernel's on that sum."""
+    g = torch.Generator().manual_seed(cols)
+    wide = torch.randn(7, cols + 16, generator=g).to(dtype).to(DEVICE)
+    x = wide[:, :cols]  # rows with a stride
+    residual = torch.randn(7, cols, generator=g).mul(3).to(dtype).to(DEVICE)
+    w = torch.rand(cols, generator=g).add(0.5).to(dtype).to(DEVICE)
+    x_before = x.clone()
+    want_sum = x + residual
+    want_norm = tk.rms_norm(want_sum, w, 1e-5)
+    normed, new_residual = tk.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(new_residual, want_sum) and torch.equal(normed, want_norm)
+    assert new_residual.data_ptr() == residual.data_ptr(), "the sum is written in place"
+    assert torch.equal(x, x_before), "x must not be modified"
+    # A residual without unit column stride is copied first; the returned sum is still right.
+    strided = torch.randn(7, 2 * cols, generator=g).to(dtype).to(DEVICE)[:, ::2]
+    want_sum = x + strided
+    normed, new_residual = tk.add_rms_norm(x, strided, w, 1e-5)
+    assert torch.equal(new_residual, want_sum)
+    assert torch.equal(normed, tk.rms_norm(want_sum, w, 1e-5))
+
+
+def test_fused_ops_on_empty_batches() -> None:
+    w = torch.ones(64, device=DEVICE)
+    empty = torch.ones(0, 64, device=DEVICE)
+    normed, res = tk.add_rms_norm(empty, empty.clone(), w, 1e-5)
+    assert normed.shape == res.shape == (0, 64)
+    _, q, k, cos, sin = _qkv_views(0, 4, 2, 64, torch.float32, 0)
+    q_out, k_out = tk.rotary(q, k, cos, sin)
+    assert q_out.shape == (0, 4, 64) and k_out.shape == (0, 2, 64)
+
+
+def test_fused_ops_read_no_device_value_on_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    if INTERPRET:
+        pytest.skip("the interpreter itself copies tensors to the host")
+    _, q, k, cos, sin = _qkv_views(5, 8, 2, 128, torch.bfloat16, 1)
+    x, residual = torch.randn(2, 5, 512, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.ones(512, device=DEVICE, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a fused op")
+
+    for name in ("item", "tolist", "cpu", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    tk.add_rms_norm(x, residual, w, 1e-6)
+    tk.rotary(q, k, cos, sin)
+
+
+def test_fused_ops_replay_in_a_cuda_graph() -> None:
+    """Captured once, replayed on new inputs in the same buffers: the results of eager calls."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    qkv, q, k, cos, sin = _qkv_views(6, 14, 2, 64, torch.bfloat16, 2)
+    x, residual = torch.randn(2, 6, 896, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.rand(896, device=DEVICE, dtype=torch.bfloat16)
+    tk.rotary(q, k, cos, sin)  # compile before capturing
+    tk.add_rms_norm(x, residual.clone(), w, 1e-6)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    res_buffer = residual.clone()
+    with torch.cuda.graph(graph):
+        q_out, k_out = tk.rotary(q, k, cos, sin)
+        normed, new_res = tk.add_rms_norm(x, res_buffer, w, 1e-6)
+    for seed in (3, 4):
+        g = torch.Generator().manual_seed(seed)
+        qkv.copy_(torch.randn(qkv.shape, generator=g).to(qkv.dtype))
+        x.copy_(torch.randn(x.shape, generator=g).to(x.dtype))
+        res_buffer.copy_(residual)  # the graph writes the sum over it
+        graph.replay()
+        q_want, k_want = tk.rotary(q, k, cos, sin)
+        norm_want, res_want = tk.add_rms_norm(x, residual.clone(), w, 1e-6)
+        assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
+        assert torch.equal(normed, norm_want) and torch.equal(new_res, res_want)

@@ -1,5 +1,5 @@
 """Triton kernels for the cuda and rocm backends: paged attention, KV-cache writes, block copies,
-fused RMSNorm and SiLU-and-mul.
+fused RMSNorm (alone and after the residual add), SiLU-and-mul and rotary embedding.
 
 Importing this package imports triton; backends import it lazily so that ``probe()`` works on
 machines without triton.
@@ -44,7 +44,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _fix_interpreter_scalar_index()
 
 from hwlm.kernels.triton.copy_blocks import copy_blocks  # noqa: E402
-from hwlm.kernels.triton.fused import rms_norm, silu_and_mul  # noqa: E402
+from hwlm.kernels.triton.fused import (  # noqa: E402
+    add_rms_norm,
+    rms_norm,
+    rotary,
+    silu_and_mul,
+)
 from hwlm.kernels.triton.paged_attention import (  # noqa: E402
     AttentionLaunch,
     choose_launch,
@@ -54,10 +59,12 @@ from hwlm.kernels.triton.write_kv import write_kv  # noqa: E402
 
 __all__ = [
     "AttentionLaunch",
+    "add_rms_norm",
     "choose_launch",
     "copy_blocks",
     "paged_attention",
     "rms_norm",
+    "rotary",
     "silu_and_mul",
     "write_kv",
 ]
