@@ -64,6 +64,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
         return backend.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` in one fused op; ``residual`` is consumed (the
+        backend may overwrite it)."""
+        return backend.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool, dtype: torch.dtype) -> None:

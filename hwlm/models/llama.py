@@ -4,6 +4,11 @@
 - Mistral: no biases.
 - Qwen2: bias on q, k, v only.
 - Qwen3: ``attention_bias`` flag, and per-head RMSNorm of q and k before rotary.
+
+As in vLLM, each decoder layer takes and returns ``(hidden, residual)``: the residual add that
+ends one layer's attention or MLP block is fused with the RMSNorm that follows it (the next
+block's input norm, or the final norm) through ``Backend.add_rms_norm``. The first layer has no
+residual yet. The sums are the same as ``h = h + block(norm(h))``, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from hwlm.attention import ForwardContext
 from hwlm.config import ModelConfig
 from hwlm.models import CausalLM
 from hwlm.models.layers import Attention, Embedding, Linear, RMSNorm
-from hwlm.models.rotary import RotaryEmbedding, apply_rotary
+from hwlm.models.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +55,9 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(-1, d), ctx.backend)
             k = self.k_norm(k.reshape(-1, d), ctx.backend)
-        q = apply_rotary(q.view(n, self.num_heads, d), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, d), cos, sin)
+        q, k = ctx.backend.rotary(
+            q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), cos, sin
+        )
         v = v.reshape(n, self.num_kv_heads, d).contiguous()
         return self.o_proj(self.attn(q, k, v, ctx))
 
@@ -90,10 +96,23 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h, ctx.backend), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h, ctx.backend), ctx)
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` is the previous block's output and ``residual`` the stream it is added to (None
+        for the first layer, whose ``h`` is the embeddings). Returns this layer's MLP output and
+        the residual stream before it is added: the caller fuses that add with its next norm."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h, ctx.backend)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(h, residual, ctx.backend)
+        h = self.self_attn(h, cos, sin, ctx)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual, ctx.backend)
+        return self.mlp(h, ctx), residual
 
 
 class LlamaModel(nn.Module):
@@ -111,9 +130,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h, ctx.backend)
+            h, residual = layer(h, residual, cos, sin, ctx)
+        if residual is None:  # no layers
+            return self.norm(h, ctx.backend)
+        return self.norm.add_and_norm(h, residual, ctx.backend)[0]
 
 
 class LlamaForCausalLM(CausalLM):
