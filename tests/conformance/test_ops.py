@@ -160,3 +160,100 @@ def test_silu_and_mul(backend: Backend, norm_dtype: str) -> None:
     assert not out.isnan().any(), f"silu_and_mul-{norm_dtype}: NaN"
     err = ((out - expected).abs() / expected.abs().clamp_min(1.0)).max().item()
     assert err <= NORM_TOL[norm_dtype], f"silu_and_mul-{norm_dtype}: error {err:.2e}"
+
+
+# Fused residual add + RMSNorm and rotary embedding: row counts (a decode step of one sequence, a
+# ragged batch, a large batch) by hidden size or head size; --quick (slow backends) skips 256 rows.
+FUSED_ROWS = [1, 7, 256]
+FUSED_ROWS_QUICK = [1, 7]
+ROTARY_HEADS = [(14, 2), (32, 8)]  # (query heads, kv heads): Qwen2.5-0.5B's GQA, Llama-3-8B's
+
+
+def _fused_rows(config: pytest.Config) -> list[int]:
+    return FUSED_ROWS_QUICK if config.getoption("--quick") else FUSED_ROWS
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
+    return ((got.cpu().double() - want).abs() / scale.clamp_min(1.0)).max().item()
+
+
+@pytest.mark.parametrize("hidden", [64, 896, 1024, 4096])
+def test_add_rms_norm(
+    backend: Backend, norm_dtype: str, hidden: int, pytestconfig: pytest.Config
+) -> None:
+    skip_unless_supported(backend, norm_dtype, 16, 1, 64)
+    dtype = DTYPES[norm_dtype]
+    g = torch.Generator().manual_seed(hidden)
+    w = torch.rand(hidden, generator=g).add(0.5).to(dtype)
+    for rows in _fused_rows(pytestconfig):
+        case = f"add_rms_norm-{norm_dtype}-rows{rows}-h{hidden}"
+        wide = torch.randn(rows, hidden + 8, generator=g).to(dtype)
+        x = wide[:, :hidden]  # rows with a stride, as a slice of a wider activation
+        residual = torch.randn(rows, hidden, generator=g).mul(4).to(dtype)
+        want_sum = x + residual  # torch's add: the sum rounded once to the dtype
+        # Copies even on the CPU, so that the inputs kept here show what the op modified.
+        dev_wide = wide.to(backend.device, copy=True)
+        dev_res = residual.to(backend.device, copy=True)
+        dev_x = dev_wide[:, :hidden]
+        normed, new_residual = backend.add_rms_norm(dev_x, dev_res, w.to(backend.device), 1e-6)
+        backend.synchronize()
+        assert normed.shape == x.shape and new_residual.shape == x.shape, f"{case}: shapes"
+        assert normed.dtype == dtype and new_residual.dtype == dtype, f"{case}: dtypes"
+        assert torch.equal(bits(dev_wide.cpu()), bits(wide)), f"{case}: x was modified"
+        got_sum = new_residual.cpu()
+        if dtype == torch.bfloat16:  # Triton's interpreter truncates to bfloat16: one ulp
+            ulp = want_sum.double().abs() * 2**-7
+            assert ((got_sum.double() - want_sum.double()).abs() <= ulp).all(), f"{case}: sum"
+        else:
+            assert torch.equal(bits(got_sum), bits(want_sum)), f"{case}: sum differs from torch's"
+        sd = want_sum.double()
+        expected = sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        assert not normed.isnan().any(), f"{case}: NaN"
+        err = _rel_err(normed, expected, expected.abs())
+        assert err <= NORM_TOL[norm_dtype], f"{case}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+def test_rotary(
+    backend: Backend, norm_dtype: str, head_size: int, pytestconfig: pytest.Config
+) -> None:
+    skip_unless_supported(backend, norm_dtype, 16, 1, head_size)
+    dtype, d, half = DTYPES[norm_dtype], head_size, head_size // 2
+    g = torch.Generator().manual_seed(head_size)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    for (num_heads, num_kv_heads), rows in itertools.product(
+        ROTARY_HEADS, _fused_rows(pytestconfig)
+    ):
+        case = f"rotary-{norm_dtype}-rows{rows}-d{d}-{num_heads}q{num_kv_heads}kv"
+        # q and k are column slices of one qkv projection, as in the models: strided rows.
+        sizes = [num_heads * d, num_kv_heads * d, num_kv_heads * d]
+        qkv = torch.randn(rows, sum(sizes), generator=g).to(dtype)
+        positions = torch.randint(0, 4096, (rows,), generator=g)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [rows, 1, d / 2], as RotaryEmbedding
+        dev_qkv = qkv.to(backend.device, copy=True)
+        q, k, _ = dev_qkv.split(sizes, dim=-1)
+        dev_cos, dev_sin = cos.to(backend.device), sin.to(backend.device)
+        q_out, k_out = backend.rotary(
+            q.view(rows, num_heads, d), k.view(rows, num_kv_heads, d), dev_cos, dev_sin
+        )
+        backend.synchronize()
+        assert torch.equal(bits(dev_qkv.cpu()), bits(qkv)), f"{case}: q or k was modified"
+        c, s = cos.double(), sin.double()
+        q_in, k_in, _ = qkv.double().split(sizes, dim=-1)
+        for name, got, x in (
+            ("q", q_out, q_in.view(rows, num_heads, d)),
+            ("k", k_out, k_in.view(rows, num_kv_heads, d)),
+        ):
+            assert got.shape == x.shape and got.dtype == dtype, f"{case}: {name} shape/dtype"
+            assert got.is_contiguous(), f"{case}: {name} output is not contiguous"
+            x1, x2 = x[..., :half], x[..., half:]
+            expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+            # Each output is a difference of two rounded products: error relative to their size.
+            scale = torch.cat(
+                ((x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()), -1
+            )
+            assert not got.isnan().any(), f"{case}: {name} NaN"
+            err = _rel_err(got, expected, scale)
+            assert err <= NORM_TOL[norm_dtype], f"{case}: {name} error {err:.2e}"
