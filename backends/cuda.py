@@ -111,9 +111,22 @@ class CUDABackend(Backend):
         return reasons
 
     def memory_budget(self, memory_utilization: float) -> int:
-        """The allowed share of the whole device minus what is already in use (model included)."""
+        """``memory_utilization`` of the whole device, less what is used outside torch's
+        allocator (the CUDA context, libraries, other processes) and less the peak torch has
+        allocated since ``prepare_model``: the weights plus the engine's warm-up step, the
+        largest step the scheduler allows, run before the KV cache exists. Blocks the
+        allocator keeps cached are released first, so the cache's large tensors can use them."""
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        return max(0, int(memory_utilization * total - (total - free)))
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return max(0, int(memory_utilization * total - outside_torch - peak))
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Start the peak-memory measurement that ``memory_budget`` reads: loading's transient
+        buffers are gone; what counts from here is the weights and the warm-up step."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     @property
     def num_sms(self) -> int:

@@ -79,7 +79,9 @@ class Backend(ABC):
 
     @abstractmethod
     def memory_budget(self, memory_utilization: float) -> int:
-        """Bytes this backend can give the KV cache, once the model is loaded."""
+        """Bytes this backend can give the KV cache, once the model is loaded. On devices other
+        than the CPU the engine first runs a warm-up step as large as the scheduler allows (with
+        a one-block cache), so a backend can count that step's peak (the cuda backend does)."""
 
     def allocate_kv_cache(
         self,

@@ -500,3 +500,25 @@ def test_fused_ops_replay_in_a_cuda_graph() -> None:
         norm_want, res_want = tk.add_rms_norm(x, residual.clone(), w, 1e-6)
         assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
         assert torch.equal(normed, norm_want) and torch.equal(new_res, res_want)
+
+
+def test_cuda_memory_budget_counts_the_warm_up_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory_utilization x total, less memory outside torch, less torch's peak since
+    prepare_model (weights + the warm-up step); never negative."""
+    gib = 2**30
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset")
+    )
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (50 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 26 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * gib)
+    backend = CUDABackend()
+    backend.prepare_model(torch.nn.Linear(2, 2))
+    assert calls == ["sync", "reset"]
+    # 30 GiB in use, 26 of it torch's: 4 GiB outside torch; 0.9 x 80 - 4 - 20 = 48 GiB.
+    assert backend.memory_budget(0.9) == int(0.9 * 80 * gib) - 24 * gib
+    assert calls[-1] == "empty"
+    assert backend.memory_budget(0.25) == 0
