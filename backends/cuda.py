@@ -125,8 +125,9 @@ class CUDABackend(Backend):
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Start the peak-memory measurement that ``memory_budget`` reads: loading's transient
         buffers are gone; what counts from here is the weights and the warm-up step."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        if self.device.type == "cuda":  # not under the interpreter's CPU tensors
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     @property
     def num_sms(self) -> int:
