@@ -353,34 +353,30 @@ def test_fused_norm_and_activation_round_like_torch(dtype: torch.dtype, cols: in
     torch.testing.assert_close(act_got, act_want, rtol=ulp, atol=ulp)
 
 
-@pytest.fixture
-def gpu_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under the interpreter, round as a GPU does: ``tl.fma`` with one rounding (the interpreter
-    multiplies, rounds, then adds) and float32 -> bfloat16 casts to nearest (it truncates).
-    Compiled kernels need nothing."""
-    if not INTERPRET:
-        return
-    import numpy as np
+def test_interpreter_rounds_like_a_gpu() -> None:
+    """Under TRITON_INTERPRET=1, hwlm.kernels.triton makes the interpreter cast float32 ->
+    bfloat16 to nearest even and take ``tl.fma`` with one rounding, as compiled kernels do (the
+    bit-for-bit tests below rely on it)."""
+    import triton
     import triton.language as tl
-    from triton.runtime import interpreter
 
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    convert = getattr(interpreter, "_convert_float", None)
-    if builder is None or convert is None or not hasattr(builder, "create_fma"):
-        pytest.skip("this triton's interpreter has no create_fma/_convert_float to adjust")
+    @triton.jit
+    def kernel(out_ptr, bf_ptr, x_ptr, y_ptr, z_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n)
+        tl.store(bf_ptr + i, x.to(tl.bfloat16), mask=i < n)
+        y, z = tl.load(y_ptr + i, mask=i < n), tl.load(z_ptr + i, mask=i < n)
+        tl.store(out_ptr + i, tl.fma(x, y, z), mask=i < n)
 
-    def fma(self, x, y, z):  # type: ignore[no-untyped-def]
-        exact = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
-        return interpreter.TensorHandle(exact.astype(z.data.dtype), z.dtype.scalar)
-
-    def to_nearest(data, src, dst, rounding_mode):  # type: ignore[no-untyped-def]
-        if src == tl.float32 and dst == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16)
-            return t.view(torch.int16).numpy().view(np.uint16)
-        return convert(data, src, dst, rounding_mode)
-
-    monkeypatch.setattr(builder, "create_fma", fma)
-    monkeypatch.setattr(interpreter, "_convert_float", to_nearest)
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([1.00390625, 1.01171875, -1.00390625, 3.4e38, float("inf")])  # x.5 ulps
+    x = torch.cat([torch.randn(1000, generator=g), ties]).to(DEVICE)
+    y, z = torch.randn(2, x.numel(), generator=g).to(DEVICE)
+    bf = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty_like(x)
+    kernel[(1,)](out, bf, x, y, z, x.numel(), BLOCK=1024)
+    assert torch.equal(bf, x.to(torch.bfloat16))
+    assert torch.equal(out[:1000], (x.double() * y.double() + z.double()).float()[:1000])
 
 
 def _qkv_views(
@@ -401,7 +397,7 @@ def _qkv_views(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_size"), [(14, 2, 64), (4, 4, 80)])
 def test_rotary_equals_torch_bit_for_bit(
-    gpu_rounding: None, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int
 ) -> None:
     """Exactly ``apply_rotary`` on q and on k (the Backend default), computed by torch on the
     CPU, whose ``addcmul_`` is one fused multiply-add in float32 (the kernel's ``tl.fma``)."""
@@ -423,9 +419,7 @@ def test_rotary_equals_torch_bit_for_bit(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cols", [64, 1000])
-def test_add_rms_norm_equals_add_then_rms_norm(
-    gpu_rounding: None, dtype: torch.dtype, cols: int
-) -> None:
+def test_add_rms_norm_equals_add_then_rms_norm(dtype: torch.dtype, cols: int) -> None:
     """The sum is torch's ``x + residual`` bit for bit, written over ``residual``; the norm is
     exactly the (unfused) RMSNorm kernel's on that sum."""
     g = torch.Generator().manual_seed(cols)

@@ -42,6 +42,9 @@ def _fix_interpreter_scalar_index() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _fix_interpreter_scalar_index()
+    from hwlm.kernels.triton.interpreter_rounding import install as _round_like_a_gpu
+
+    _round_like_a_gpu()
 
 from hwlm.kernels.triton.copy_blocks import copy_blocks  # noqa: E402
 from hwlm.kernels.triton.fused import (  # noqa: E402
