@@ -168,6 +168,9 @@ class CUDABackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._kernels.rotary(q, k, cos, sin, warp_size=self.warp_size)
 
+    def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kernels.greedy_sample(logits, warp_size=self.warp_size)
+
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
 

@@ -9,8 +9,8 @@ A backend is a class (one instance per device) with a handful of members:
 - ``allocate_kv_cache(...)``: one tensor per layer, layout ``[2, num_blocks, block_size,
   num_kv_heads, head_size]`` (see ``hwlm.attention``).
 - ``write_kv``, ``attention``, ``copy_blocks``: the paged-attention operations.
-- ``rms_norm``, ``add_rms_norm``, ``silu_and_mul`` and ``rotary``: optional fused ops; the
-  defaults here are portable torch.
+- ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary`` and ``greedy_sample``: optional
+  fused ops; the defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
 - ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
@@ -149,6 +149,14 @@ class Backend(ABC):
         from hwlm.models.rotary import apply_rotary  # hwlm.models imports this module
 
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's argmax (int64; ties to the lowest id) and its log-probability (float32)
+        under the row's softmax, for a batch whose rows all sample greedily and want nothing
+        else (``hwlm.sampler``)."""
+        from hwlm.sampler import greedy_in_torch
+
+        return greedy_in_torch(logits)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before the first forward; the default keeps torch's

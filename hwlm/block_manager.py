@@ -115,6 +115,8 @@ class BlockManager:
 
         ``cached_blocks`` (from ``find_cached_prefix``) is taken over first, for a sequence that
         holds no blocks yet. Returns False, changing nothing, when too few blocks are free."""
+        if not cached_blocks and self._fits_in_own_blocks(seq, num_new_tokens):
+            return True  # the common decode step: nothing to allocate or copy
         hit_ids, hit_hashes = cached_blocks or ([], [])
         start = len(hit_ids) * self.block_size if hit_ids else seq.num_computed_tokens
         end = start + num_new_tokens
@@ -136,6 +138,17 @@ class BlockManager:
         while len(seq.block_ids) * self.block_size < end:
             seq.block_ids.append(self._allocate_fresh())
         return True
+
+    def _fits_in_own_blocks(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The new tokens land in one block that ``seq`` already holds alone."""
+        start = seq.num_computed_tokens
+        if start == 0 or num_new_tokens < 1:
+            return False
+        index = start // self.block_size
+        return (
+            (start + num_new_tokens - 1) // self.block_size == index < len(seq.block_ids)
+            and self.blocks[seq.block_ids[index]].ref_count == 1
+        )
 
     def _count_prefix_lookup(self, seq: Sequence, num_hit_blocks: int) -> None:
         if self.enable_prefix_caching:

@@ -46,7 +46,7 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
-        self.sampler = Sampler()
+        self.sampler = Sampler(backend.greedy_sample)
         self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
         self.decode_runner: DecodeRunner | None = None
         backend.prepare_model(model)

@@ -17,6 +17,7 @@ row repeated for each fork, so every sample draws its own first token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,12 +85,31 @@ def _start_host_copy(
     return host, ready
 
 
+GreedyKernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def greedy_in_torch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (ties to the lowest id) and its log-probability, in float32."""
+    raw = logits.float()
+    tokens = raw.argmax(dim=-1)
+    return tokens, raw.gather(1, tokens[:, None])[:, 0] - raw.logsumexp(dim=-1)
+
+
 class Sampler:
+    """``greedy`` computes argmax and log-probability for batches that need nothing else
+    (``Backend.greedy_sample``: one pass over the logits on GPUs)."""
+
+    def __init__(self, greedy: GreedyKernel = greedy_in_torch) -> None:
+        self._greedy = greedy
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_output()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         """Select every row's next token without reading anything back to the host."""
+        if all(s.argmax_only and not s.pending_forks for s in seqs):
+            tokens, token_logprobs = self._greedy(logits)
+            return SampledBatch(tokens, token_logprobs, None, [None] * len(seqs), seqs)
         logits, seqs = _expand_forks(logits, seqs)
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)

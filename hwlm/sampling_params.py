@@ -131,6 +131,20 @@ class SamplingParams:
         )
 
     @property
+    def argmax_only(self) -> bool:
+        """Greedy, with no token controls, penalties or logprobs: the next token is the argmax
+        of the raw logits."""
+        return (
+            self.greedy
+            and self.logprobs is None
+            and self.allowed_token_ids is None
+            and not self.bad_words
+            and self.min_tokens == 0
+            and not self.logit_bias
+            and not self.has_penalties
+        )
+
+    @property
     def needs_output_history(self) -> bool:
         """Whether sampling the next token reads the tokens generated so far."""
         return self.has_penalties or bool(self.bad_words) or self.min_tokens > 0

@@ -34,6 +34,7 @@ class Sequence:
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
+        self.argmax_only = params.argmax_only  # read by the sampler for every row of every step
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)

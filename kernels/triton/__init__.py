@@ -1,5 +1,6 @@
 """Triton kernels for the cuda and rocm backends: paged attention, KV-cache writes, block copies,
-fused RMSNorm (alone and after the residual add), SiLU-and-mul and rotary embedding.
+fused RMSNorm (alone and after the residual add), SiLU-and-mul, rotary embedding, and greedy
+sampling (argmax and its log-probability in one pass).
 
 Importing this package imports triton; backends import it lazily so that ``probe()`` works on
 machines without triton.
@@ -53,6 +54,7 @@ from hwlm.kernels.triton.fused import (  # noqa: E402
     rotary,
     silu_and_mul,
 )
+from hwlm.kernels.triton.greedy import greedy_sample  # noqa: E402
 from hwlm.kernels.triton.paged_attention import (  # noqa: E402
     AttentionLaunch,
     choose_launch,
@@ -65,6 +67,7 @@ __all__ = [
     "add_rms_norm",
     "choose_launch",
     "copy_blocks",
+    "greedy_sample",
     "paged_attention",
     "rms_norm",
     "rotary",

@@ -253,3 +253,25 @@ def test_rotary(
             assert not got.isnan().any(), f"{case}: {name} NaN"
             err = _rel_err(got, expected, scale)
             assert err <= NORM_TOL[norm_dtype], f"{case}: {name} error {err:.2e}"
+
+
+@pytest.mark.parametrize("vocab", [1000, 4097, 151936])
+def test_greedy_sample(backend: Backend, norm_dtype: str, vocab: int) -> None:
+    """Argmax (ties to the lowest id, as torch) and its log-probability, against float64."""
+    skip_unless_supported(backend, norm_dtype, 16, 1, 64)
+    dtype = DTYPES[norm_dtype]
+    g = torch.Generator().manual_seed(vocab)
+    rows = 5
+    logits = torch.randn(rows, vocab, generator=g).mul(3).to(dtype)
+    peak = logits.max().item() + 1
+    logits[1, 7] = logits[1, vocab - 3] = peak  # a tie across the row: the lower id wins
+    logits[2, vocab - 1] = peak  # the last column (a partial tile in a blocked kernel)
+    logits[3] = 0.0  # all equal
+    tokens, logprobs = backend.greedy_sample(logits.to(backend.device))
+    backend.synchronize()
+    exact = logits.double()
+    want = exact.argmax(dim=-1)
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert tokens.cpu().tolist() == want.tolist()
+    want_lp = exact.gather(1, want[:, None])[:, 0] - exact.logsumexp(dim=-1)
+    assert torch.allclose(logprobs.cpu().double(), want_lp, atol=1e-4, rtol=1e-5)
