@@ -46,4 +46,7 @@ def conformance(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     install(session)
     session.run("ruff", "check", "hwlm", "backends", "kernels", "tests", "ci", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "hwlm", "backends", "kernels", "tests", "ci", "noxfile.py"
+    )
     session.run("mypy", "hwlm")

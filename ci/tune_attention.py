@@ -80,7 +80,9 @@ def sweep(name: str, q_lens: list[int], ctx: list[int], heads: int, kv: int, hea
             continue
         launch = AttentionLaunch(block_m, block_n, default.num_splits, warps, stages)
         try:
-            ms = timed(lambda launch=launch: paged_attention(query, cache, meta, scale, launch=launch))
+            ms = timed(
+                lambda launch=launch: paged_attention(query, cache, meta, scale, launch=launch)
+            )
         except Exception as exc:  # out of resources for this tile
             print(f"  skip {launch}: {type(exc).__name__}")
             continue

@@ -145,10 +145,9 @@ class BlockManager:
         if start == 0 or num_new_tokens < 1:
             return False
         index = start // self.block_size
-        return (
-            (start + num_new_tokens - 1) // self.block_size == index < len(seq.block_ids)
-            and self.blocks[seq.block_ids[index]].ref_count == 1
-        )
+        return (start + num_new_tokens - 1) // self.block_size == index < len(
+            seq.block_ids
+        ) and self.blocks[seq.block_ids[index]].ref_count == 1
 
     def _count_prefix_lookup(self, seq: Sequence, num_hit_blocks: int) -> None:
         if self.enable_prefix_caching:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 
-def to_device(values: Sequence[Any] | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(
+    values: Sequence[Any] | np.ndarray, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """``values`` (a list or array) as a 1-D or 2-D tensor on ``device``, copied asynchronously."""
     host = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":

@@ -28,7 +28,9 @@ def test_devices_check_passes_good_and_fails_bad_backends(
 
 
 def test_generate_prints_the_completion(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["generate", "hwlm-tiny", "--prompt", "Hello", "--max-tokens", "4", "--device", "cpu"])
+    code = main(
+        ["generate", "hwlm-tiny", "--prompt", "Hello", "--max-tokens", "4", "--device", "cpu"]
+    )
     assert code == 0
     assert capsys.readouterr().out.startswith("Hello")
 
