@@ -72,10 +72,11 @@ def sweep(name: str, q_lens: list[int], ctx: list[int], heads: int, kv: int, hea
     )
     group_pad = triton.next_power_of_2(heads // kv)
     results = []
-    rows = [16, 32, 64, 128] if max(q_lens) > 1 else [max(16, group_pad)]
-    for block_m, block_n, warps, stages in itertools.product(
-        rows, [32, 64, 128], [2, 4, 8], [1, 2, 3]
-    ):
+    if max(q_lens) > 1:
+        grid = itertools.product([64, 128], [32, 64], [4, 8], [2, 3])
+    else:
+        grid = itertools.product([max(16, group_pad)], [32, 64, 128], [2, 4, 8], [2, 3])
+    for block_m, block_n, warps, stages in grid:
         if block_m < group_pad or (head > 128 and block_n > 64):
             continue
         launch = AttentionLaunch(block_m, block_n, default.num_splits, warps, stages)
