@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hwlm.backend import Backend
 from hwlm.block_manager import BlockManager
 from hwlm.config import EngineConfig, ModelConfig, parse_dtype
 from hwlm.generation_config import load_sampling_defaults
@@ -53,6 +54,9 @@ class EngineArgs:
     # Overlap host and device: schedule step n + 1 while step n runs. None: on for GPUs (on a
     # CPU the forward runs on the host anyway, so there is nothing to overlap).
     async_scheduling: bool | None = None
+    # Set by LLM: offline batches get vLLM's larger default token budget on GPUs (16384 instead
+    # of 8192; fewer, larger prefill steps), where a server keeps 8192 for latency.
+    offline: bool = False
 
 
 class LLMEngine:
@@ -64,8 +68,8 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         resolved = resolve_model(args.model, args.load_format)
         self.model_config = ModelConfig.from_hf_dict(resolved.hf_config)
-        self.config = self._engine_config(args, self.model_config)
         self.backend = select_backend(args.device)()
+        self.config = self._engine_config(args, self.model_config, self.backend)
         self.dtype = self._resolve_dtype(args.dtype)
         problems = self.backend.check(self.model_config, self.config, self.dtype)
         if problems:
@@ -109,7 +113,7 @@ class LLMEngine:
     # Set-up -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _engine_config(args: EngineArgs, model: ModelConfig) -> EngineConfig:
+    def _engine_config(args: EngineArgs, model: ModelConfig, backend: Backend) -> EngineConfig:
         max_len = args.max_model_len or model.max_position_embeddings
         if max_len > model.max_position_embeddings:
             logger.warning(
@@ -120,7 +124,8 @@ class LLMEngine:
         return EngineConfig(
             max_model_len=max_len,
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens or max(8192, args.max_num_seqs),
+            max_num_batched_tokens=args.max_num_batched_tokens
+            or max(_default_token_budget(args, backend), args.max_num_seqs),
             block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             memory_utilization=args.memory_utilization,
@@ -448,6 +453,10 @@ class LLMEngine:
 class _LaunchedStep:
     seqs: list[Sequence]  # the scheduled sequences
     sampled: SampledBatch | None  # their samples, on the device
+
+
+def _default_token_budget(args: EngineArgs, backend: Backend) -> int:
+    return 16384 if args.offline and backend.device.type != "cpu" else 8192
 
 
 def _local_folder(path: str) -> str | None:

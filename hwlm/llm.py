@@ -27,6 +27,8 @@ class LLM:
     ``num_kv_blocks`` fixes the KV cache size exactly, overriding ``memory_utilization``
     (``gpu_memory_utilization`` is accepted as another name for it). ``enforce_eager=True``
     turns off CUDA graphs (decode steps then run the model eagerly, as prefills do).
+    ``max_num_batched_tokens`` (the most tokens one step computes) defaults to 16384 on GPUs,
+    as vLLM's LLM class on large GPUs, and to 8192 on the CPU and in the server.
     ``async_scheduling`` overlaps the host's work with the device's (step n + 1 is scheduled and
     launched while step n runs); the default, None, turns it on for GPUs and off on the CPU.
     """
@@ -74,6 +76,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 max_logprobs=max_logprobs,
                 async_scheduling=async_scheduling,
+                offline=True,
             )
         )
         self._request_counter = itertools.count()

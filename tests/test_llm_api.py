@@ -174,3 +174,20 @@ def test_gpu_memory_utilization_alias(device: str) -> None:
     assert llm.engine.config.memory_utilization == 0.5
     with pytest.raises(ValueError, match="disagree"):
         LLM("hwlm-tiny", device=device, memory_utilization=0.4, gpu_memory_utilization=0.5)
+
+
+def test_token_budget_defaults_follow_vllm(llm: LLM) -> None:
+    """Offline batches on a GPU get 16384 tokens a step; a server, and the CPU, 8192."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hwlm.engine import EngineArgs, _default_token_budget
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert _default_token_budget(EngineArgs("m", offline=True), gpu) == 16384  # type: ignore[arg-type]
+    assert _default_token_budget(EngineArgs("m"), gpu) == 8192  # type: ignore[arg-type]
+    assert _default_token_budget(EngineArgs("m", offline=True), cpu) == 8192  # type: ignore[arg-type]
+    expected = 8192 if llm.engine.backend.device.type == "cpu" else 16384
+    assert llm.engine.config.max_num_batched_tokens == expected
