@@ -78,16 +78,21 @@ class ModelRunner:
         return sampled
 
     def warm_up(self, kv_caches: list[torch.Tensor]) -> None:
-        """One dummy step as large as the scheduler allows: decode rows beside a long prefill
-        row, then the logits of every row and a top-p draw over them (the sampler's costliest
-        path). It writes no KV (slots -1) and reads only block 0 of ``kv_caches``. Run before the
+        """One dummy step as large as the scheduler allows: decode rows beside prefill rows
+        filling the rest of the token budget, then the logits of every row and a top-p draw
+        over them (the sampler's costliest path). It writes no KV (slots -1) and reads only block 0 of ``kv_caches``. Run before the
         KV cache is sized, it shows the backend the peak memory of a step; it also compiles the
         kernels the first real steps would otherwise wait for."""
         cfg = self.config
         num_tokens, num_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
         decodes = min(num_seqs - 1, num_tokens // 2)
-        prefill = min(num_tokens - decodes, cfg.max_model_len)
-        q_lens = np.array([1] * decodes + [prefill], dtype=np.int64)
+        prefills: list[int] = []  # the rest of the budget, in prompts of at most max_model_len
+        left = num_tokens - decodes
+        while left > 0 and decodes + len(prefills) < num_seqs:
+            prefills.append(min(left, cfg.max_model_len))
+            left -= prefills[-1]
+        prefill = max(prefills)
+        q_lens = np.array([1] * decodes + prefills, dtype=np.int64)
         query_start = np.concatenate([[0], np.cumsum(q_lens)])
         positions = np.arange(query_start[-1]) - np.repeat(query_start[:-1], q_lens)
         blocks = -(-prefill // self.block_size)
