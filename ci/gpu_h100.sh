@@ -45,9 +45,9 @@ run_if engine 240 $py -m pytest -q tests/test_async_scheduling.py tests/test_dec
     --device cuda
 run_if ops 480 $py -m pytest -q $XDIST tests/conformance/test_ops.py --device cuda \
     --support-matrix "$OUT/support-matrix.md"
-run_if g3 240 $bench --workload g3 --compare-hf --output-json "$OUT/g3.json"
-run_if g2 120 $bench --workload g2 --output-json "$OUT/g2.json"
-run_if g1 180 $bench --workload g1 --output-json "$OUT/g1.json"
+run_if g3 300 $bench --workload g3 --compare-hf --repeats 3 --output-json "$OUT/g3.json"
+run_if g2 150 $bench --workload g2 --repeats 3 --output-json "$OUT/g2.json"
+run_if g1 150 $bench --workload g1 --repeats 2 --output-json "$OUT/g1.json"
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
 run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
 run_if wl3 150 $py ci/profile_workload.py --workload g3 --runs 3
