@@ -77,6 +77,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _norm_launch(cols: int, warp_size: int) -> tuple[int, int]:
+    """A row in one tile; a warp per 512 columns, 1 to 16 warps (in 32-thread units)."""
+    block = triton.next_power_of_2(cols)
+    return block, max(1, min(16, block // 512) * 32 // warp_size)
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, *, warp_size: int = 32
 ) -> torch.Tensor:
@@ -84,8 +90,7 @@ def rms_norm(
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block = triton.next_power_of_2(rows.shape[1])
-        warps = max(1, min(16, block // 512) * 32 // warp_size)
+        block, warps = _norm_launch(rows.shape[1], warp_size)
         _rms_norm_kernel[(rows.shape[0],)](
             out, rows, weight, rows.stride(0), out.stride(0), rows.shape[1], eps,
             BLOCK=block, num_warps=warps,
@@ -174,8 +179,7 @@ def add_rms_norm(
     res = _rows(residual)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block = triton.next_power_of_2(rows.shape[1])
-        warps = max(1, min(16, block // 512) * 32 // warp_size)
+        block, warps = _norm_launch(rows.shape[1], warp_size)
         _add_rms_norm_kernel[(rows.shape[0],)](
             out, res, rows, weight, rows.stride(0), res.stride(0), out.stride(0), rows.shape[1],
             eps, BLOCK=block, num_warps=warps,
