@@ -3,6 +3,7 @@ read server-sent events, and parse Prometheus' text format."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -108,3 +109,16 @@ def metric(
     found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
     assert len(found) == 1, f"{name} {labels}: {len(found)} samples"
     return found[0]
+
+
+def wait_idle(engine: Any, timeout: float = 10) -> None:
+    """Until an AsyncLLMEngine has no request running, waiting or tracked and every KV block is
+    free; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = asyncio.run(engine.get_stats())
+        idle = stats.num_running == stats.num_waiting == stats.num_streams == 0
+        if idle and stats.num_free_blocks == stats.num_blocks:
+            return
+        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
+        time.sleep(0.02)

@@ -42,7 +42,7 @@ from hwlm.sampling_params import SamplingParams  # noqa: E402
 from hwlm.server.admission import ServerLimits  # noqa: E402
 from hwlm.server.async_engine import AsyncLLMEngine  # noqa: E402
 from tests.reliability_servers import ServerProcess, ThreadedServer  # noqa: E402
-from tests.server_helpers import ROOT, metric, parse_metrics  # noqa: E402
+from tests.server_helpers import ROOT, metric, parse_metrics, wait_idle  # noqa: E402
 
 MAX_MODEL_LEN = 256
 LOAD = dict(num_prompts=200, max_concurrency=64, abort_fraction=0.25, input_len=12, output_len=8)
@@ -95,18 +95,6 @@ def _cpu_dense_path(onednn: bool) -> Iterator[None]:
         else:
             os.environ["HWLM_CPU_ONEDNN"] = saved
         onednn_usable.cache_clear()
-
-
-def wait_idle(engine: AsyncLLMEngine, timeout: float = 10) -> None:
-    """Until no request is running, waiting or tracked and every KV block is free."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = asyncio.run(engine.get_stats())
-        idle = stats.num_running == stats.num_waiting == stats.num_streams == 0
-        if idle and stats.num_free_blocks == stats.num_blocks:
-            return
-        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
-        time.sleep(0.05)
 
 
 def _wait_metrics_idle(url: str, timeout: float = 10) -> None:

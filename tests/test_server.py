@@ -36,7 +36,14 @@ uvicorn = pytest.importorskip("uvicorn")
 from hwlm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError  # noqa: E402
-from tests.server_helpers import ROOT, free_port, server_process, sse_events, wait_ready  # noqa: E402
+from tests.server_helpers import (  # noqa: E402
+    ROOT,
+    free_port,
+    server_process,
+    sse_events,
+    wait_idle,
+    wait_ready,
+)
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256
@@ -523,17 +530,6 @@ def inprocess(device: str) -> Iterator[tuple[str, AsyncLLMEngine, list[str]]]:
         engine.shutdown()
 
 
-def _assert_engine_idle(engine: AsyncLLMEngine) -> None:
-    deadline = time.monotonic() + 5
-    while True:
-        stats = asyncio.run(engine.get_stats())
-        idle = stats.num_running == stats.num_waiting == stats.num_streams == 0
-        if idle and stats.num_free_blocks == stats.num_blocks:
-            return
-        assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
-        time.sleep(0.02)
-
-
 LONG = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
 
 
@@ -544,14 +540,14 @@ def test_stream_disconnect_aborts_and_frees_blocks(inprocess: Any) -> None:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
         # leaving the block closes the connection mid-stream
-        _assert_engine_idle(engine)
+        wait_idle(engine, timeout=5)
         assert len(aborted) == 1
         ok = c.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         )
         assert ok.status_code == 200, ok.text
-    _assert_engine_idle(engine)
+    wait_idle(engine, timeout=5)
 
 
 def test_non_stream_disconnect_aborts(inprocess: Any) -> None:
@@ -559,7 +555,7 @@ def test_non_stream_disconnect_aborts(inprocess: Any) -> None:
     before = len(aborted)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/completions", json=LONG, timeout=0.5)
-    _assert_engine_idle(engine)
+    wait_idle(engine, timeout=5)
     assert len(aborted) == before + 1
     ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
@@ -600,7 +596,7 @@ def test_batch_with_one_rejected_prompt_adds_none(inprocess: Any) -> None:
     body = {"prompt": [[5, 6, 7], [10**6]], "max_tokens": 500, "ignore_eos": True}
     r = httpx.post(f"{base_url}/v1/completions", json=body)
     assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], r.text
-    _assert_engine_idle(engine)  # the accepted first prompt was aborted, not left running
+    wait_idle(engine, timeout=5)  # the accepted first prompt was aborted, not left running
     ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 
