@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ pytest.importorskip("uvicorn")
 
 from hwlm.sampling_params import SamplingParams  # noqa: E402
 from tests.reliability_servers import ServerProcess  # noqa: E402
-from tests.test_reliability_load import _serve, _wait_for, wait_idle  # noqa: E402
+from tests.server_helpers import wait_idle  # noqa: E402
+from tests.test_reliability_load import _serve, _wait_for  # noqa: E402
 
 POISON = "poison pill"
 
@@ -162,16 +165,30 @@ def _stream_in_thread(
     return events, None
 
 
+@contextlib.contextmanager
+def _streaming(
+    device: str, tmp_path: Path, kv_blocks: int, shutdown_timeout: int, body: dict[str, Any]
+) -> Iterator[tuple[ServerProcess, concurrent.futures.Future, list[float]]]:
+    """A server with ``--shutdown-timeout``, and one streamed completion of ``body`` running in
+    a thread (its first event already received); yields the server, the stream's future (events,
+    transport error) and the arrival times of its events."""
+    args = ["hwlm-tiny", "--device", device, "--num-kv-blocks", str(kv_blocks)]
+    args += ["--shutdown-timeout", str(shutdown_timeout)]
+    server = ServerProcess(args, tmp_path / "server.log").start()
+    started, times = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            _stream_in_thread, server.url, {**body, "stream": True}, started, times
+        )
+        assert started.wait(30)
+        yield server, future, times
+
+
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     device: str, tmp_path: Path
 ) -> None:
-    args = ["hwlm-tiny", "--device", device, "--num-kv-blocks", "64", "--shutdown-timeout", "30"]
-    server = ServerProcess(args, tmp_path / "server.log").start()
-    body = {"prompt": "drain me", "max_tokens": 300, "ignore_eos": True, "stream": True}
-    started, times = threading.Event(), []
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_stream_in_thread, server.url, body, started, times)
-        assert started.wait(30)
+    body = {"prompt": "drain me", "max_tokens": 300, "ignore_eos": True}
+    with _streaming(device, tmp_path, 64, 30, body) as (server, future, times):
         server.terminate()
         _wait_for(lambda: _refused(server.url), timeout=10)
         refused_at = time.monotonic()
@@ -187,13 +204,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 def test_sigterm_cuts_off_requests_longer_than_the_grace_period(
     device: str, tmp_path: Path
 ) -> None:
-    args = ["hwlm-tiny", "--device", device, "--num-kv-blocks", "160", "--shutdown-timeout", "1"]
-    server = ServerProcess(args, tmp_path / "server.log").start()
-    body = {"prompt": "never ends", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    started, times = threading.Event(), []
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_stream_in_thread, server.url, body, started, times)
-        assert started.wait(30)
+    body = {"prompt": "never ends", "max_tokens": 2000, "ignore_eos": True}
+    with _streaming(device, tmp_path, 160, 1, body) as (server, future, _):
         begin = time.monotonic()
         server.terminate()
         assert server.wait(timeout=15) == 0, server.log.read_text()
