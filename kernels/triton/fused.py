@@ -24,17 +24,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _normalize_and_store(x, out_row_ptr, w_ptr, cols, mask, n_cols, eps):
+    """RMSNorm of one float32 row ``x``, rounded to the output dtype before and after the weight
+    multiplies it (as the torch reference), stored at ``out_row_ptr``."""
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    normed = (x * inv_rms).to(out_row_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_row_ptr + cols, (normed * w).to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(out_ptr, x_ptr, w_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(
-        out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask
-    )
+    _normalize_and_store(x, out_ptr + row * stride_out, w_ptr, cols, mask, n_cols, eps)
 
 
 @triton.jit
@@ -51,12 +56,8 @@ def _add_rms_norm_kernel(
     r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
     total = (x + r).to(res_ptr.dtype.element_ty)
     tl.store(res_ptr + row * stride_res + cols, total, mask=mask)
-    h = total.to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-    normed = (h * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(
-        out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask
+    _normalize_and_store(
+        total.to(tl.float32), out_ptr + row * stride_out, w_ptr, cols, mask, n_cols, eps
     )
 
 
