@@ -153,8 +153,8 @@ class Backend(ABC):
     def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's argmax (int64; ties to the lowest id) and its log-probability (float32)
         under the row's softmax, for a batch whose rows all sample greedily and want nothing
-        else (``hwlm.sampler``)."""
-        from hwlm.sampler import greedy_in_torch
+        else (``hwlm.sampling.sampler``)."""
+        from hwlm.sampling.sampler import greedy_in_torch
 
         return greedy_in_torch(logits)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hwlm.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from hwlm.engine import EngineArgs, LLMEngine
+from hwlm.engine.llm_engine import EngineArgs, LLMEngine
 from hwlm.outputs import RequestOutput
+from hwlm.sampling.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from hwlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class LLM:
         *,
         use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
-        """Beam search over each prompt (see ``hwlm.beam_search``); one output per prompt, its
+        """Beam search over each prompt (see ``hwlm.sampling.beam_search``); one output per prompt, its
         ``sequences`` best first, each holding the prompt and generated tokens and their text."""
         prompt_ids = []
         for prompt in _as_prompt_list(prompts):

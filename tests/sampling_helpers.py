@@ -6,8 +6,8 @@ import itertools
 
 import torch
 
+from hwlm.engine.sequence import Sequence
 from hwlm.sampling_params import SamplingParams
-from hwlm.sequence import Sequence
 
 EOS = 2
 _ids = itertools.count()

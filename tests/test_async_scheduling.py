@@ -16,7 +16,7 @@ import pytest
 
 from hwlm import LLM, SamplingParams
 from hwlm.outputs import RequestOutput
-from hwlm.sampler import SampledBatch
+from hwlm.sampling.sampler import SampledBatch
 
 PROMPTS = [
     "Hello, my name is",

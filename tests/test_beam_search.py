@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hwlm import LLM, BeamSearchParams
-from hwlm.beam_search import beam_search_score
+from hwlm.sampling.beam_search import beam_search_score
 from tests.tiny_models import EOS, build_tiny_model
 
 PROMPTS = [[5, 17, 230, 41, 9], [77, 300, 12, 8, 8, 61, 2, 90]]

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from hwlm.block_manager import BlockManager
+from hwlm.engine.block_manager import BlockManager
+from hwlm.engine.sequence import Sequence
 from hwlm.sampling_params import SamplingParams
-from hwlm.sequence import Sequence
 
 PARAMS = SamplingParams()
 
@@ -105,7 +105,7 @@ def test_full_prompt_hit_leaves_last_token_to_compute() -> None:
 
 
 def test_hash_collision_is_caught_by_token_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hwlm.block_manager as module
+    import hwlm.engine.block_manager as module
 
     monkeypatch.setattr(module, "chain_hash", lambda parent, tokens: 7)  # everything collides
     bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)

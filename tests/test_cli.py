@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hwlm.cli import main
+from hwlm.cli.main import main
 from tests.plugins.example_backend import install_entry_points
 
 

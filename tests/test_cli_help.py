@@ -8,9 +8,9 @@ import io
 
 import pytest
 
-from hwlm.chat_backends import ChatSettings, LocalChat
-from hwlm.chat_cli import chat_loop
-from hwlm.cli import build_parser, main
+from hwlm.cli.chat import chat_loop
+from hwlm.cli.chat_backends import ChatSettings, LocalChat
+from hwlm.cli.main import build_parser, main
 
 SUBCOMMANDS = [
     ["devices"], ["generate"], ["serve"], ["chat"], ["bench"], ["bench", "throughput"],
@@ -111,8 +111,8 @@ class Block:
         if name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "httpx", "openai"):
             raise ImportError("blocked " + name)
 sys.meta_path.insert(0, Block())
-import hwlm, hwlm.engine, hwlm.server, hwlm.chat_cli, hwlm.server.chat_template
-from hwlm.cli import build_parser
+import hwlm, hwlm.engine.llm_engine, hwlm.server, hwlm.cli.chat, hwlm.server.chat_template
+from hwlm.cli.main import build_parser
 build_parser().parse_args(["chat", "--url", "http://x"])
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

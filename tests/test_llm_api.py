@@ -182,7 +182,7 @@ def test_token_budget_defaults_follow_vllm(llm: LLM) -> None:
 
     import torch
 
-    from hwlm.engine import EngineArgs, _default_token_budget
+    from hwlm.engine.llm_engine import EngineArgs, _default_token_budget
 
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
     cpu = SimpleNamespace(device=torch.device("cpu"))

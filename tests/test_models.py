@@ -21,8 +21,8 @@ from hwlm import presets
 from hwlm.attention import AttentionMetadata, ForwardContext
 from hwlm.backends.reference import ReferenceBackend
 from hwlm.config import ModelConfig
-from hwlm.loader import ResolvedModel, load_model, resolve_model
 from hwlm.models import CausalLM
+from hwlm.models.loader import ResolvedModel, load_model, resolve_model
 
 VOCAB = 512
 BLOCK = 4

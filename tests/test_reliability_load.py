@@ -54,7 +54,7 @@ WARM_ROUNDS = 5
 
 def _serve(device: str, limits: ServerLimits | None = None, **engine_args: Any) -> Any:
     """A context manager: (base_url, AsyncLLMEngine) for a fresh hwlm-tiny engine."""
-    from hwlm.engine import EngineArgs, LLMEngine
+    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
     from hwlm.server.api import build_app
 
     @contextmanager

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hwlm import LLM, SamplingParams
-from hwlm.tokenizer import decode_tokens
+from hwlm.text.tokenizer import decode_tokens
 from tests import sampling_reference as ref
 from tests.tiny_models import EOS, VOCAB, build_tiny_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hwlm.generation_config import load_sampling_defaults
+from hwlm.sampling.generation_config import load_sampling_defaults
 from hwlm.sampling_params import SamplingParams
 
 # (field, bad value, the range the message must state)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwlm.sampler import Sampler, process_logits, sampling_probs
+from hwlm.sampling.sampler import Sampler, process_logits, sampling_probs
 from hwlm.sampling_params import SamplingParams
 from tests import sampling_reference as ref
 from tests.sampling_helpers import EOS, fixed_logits, make_seq
@@ -179,7 +179,7 @@ def test_no_logprobs_requested() -> None:
 
 @pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: decided in the prefilter; flat: sorted
 def test_top_p_over_a_large_vocabulary(scale: float) -> None:
-    from hwlm.truncation import _prefiltered_nucleus
+    from hwlm.sampling.truncation import _prefiltered_nucleus
 
     vocab = 3000
     cases = [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7), dict(top_k=20, top_p=0.8)]

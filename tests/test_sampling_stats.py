@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hwlm.sampler import Sampler
+from hwlm.sampling.sampler import Sampler
 from hwlm.sampling_params import SamplingParams
 from tests import sampling_reference as ref
 from tests.sampling_helpers import fixed_logits, make_seq

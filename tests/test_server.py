@@ -508,7 +508,7 @@ class _ThreadedServer:
 
 @pytest.fixture(scope="module")
 def inprocess(device: str) -> Iterator[tuple[str, AsyncLLMEngine, list[str]]]:
-    from hwlm.engine import EngineArgs, LLMEngine
+    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
     from hwlm.server.api import build_app
 
     llm_engine = LLMEngine(

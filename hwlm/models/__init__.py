@@ -118,7 +118,7 @@ def _few(names: list[str], n: int = 4) -> str:
 
 def build_model(config: ModelConfig, backend: Backend, dtype: torch.dtype) -> CausalLM:
     """An uninitialised model of ``config.family`` with parameters of ``dtype`` on the
-    backend's device (fill it with ``load_weights`` or ``hwlm.loader``)."""
+    backend's device (fill it with ``load_weights`` or ``hwlm.models.loader``)."""
     from hwlm.models.llama import LlamaForCausalLM
     from hwlm.models.opt import OPTForCausalLM
 

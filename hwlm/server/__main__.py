@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
-from hwlm.cli import _add_engine_arguments, _engine_kwargs
-from hwlm.server.cli import add_serve_parser
+from hwlm.cli.main import _add_engine_arguments, _engine_kwargs
+from hwlm.cli.serve import add_serve_parser
 
 
 def main(argv: list[str] | None = None) -> int:

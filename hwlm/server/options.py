@@ -1,6 +1,6 @@
 """``hwlm serve`` flags for limits, overload, CORS and shutdown, and the settings they build.
 
-Imports no web framework (``hwlm.cli`` imports this for every command).
+Imports no web framework (``hwlm.cli.main`` imports this for every command).
 """
 
 from __future__ import annotations

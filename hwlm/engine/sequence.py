@@ -11,7 +11,7 @@ import torch
 
 from hwlm.outputs import PromptLogprobs, SampleLogprobs
 from hwlm.sampling_params import SamplingParams
-from hwlm.tokenizer import IncrementalDetokenizer
+from hwlm.text.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):

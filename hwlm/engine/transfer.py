@@ -1,7 +1,7 @@
 """Host-to-device copies that never wait for the device.
 
 ``torch.tensor(values, device=cuda)`` copies synchronously: the host blocks until every kernel
-already queued on the stream has run. With overlapped steps (see ``hwlm.engine``) that would stall
+already queued on the stream has run. With overlapped steps (see ``hwlm.engine.llm_engine``) that would stall
 the host on the previous step's forward, so host-built tensors go through pinned memory instead.
 """
 

@@ -8,7 +8,7 @@ is cut into chunks over several steps. When the KV cache runs out, the most rece
 running sequence is preempted: its blocks are freed and it is recomputed later (its cached prefix
 blocks usually survive, so resuming is cheap).
 
-With overlapped steps (``hwlm.engine``) a sequence may have a token in flight: sampled by the step
+With overlapped steps (``hwlm.engine.llm_engine``) a sequence may have a token in flight: sampled by the step
 still running on the device. It counts as known here (``num_tokens_with_pending``), so the next
 step computes it; a sequence that the token in flight will end by length is left out.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from hwlm.block_manager import BlockManager
 from hwlm.config import EngineConfig
-from hwlm.sequence import Sequence, Status
+from hwlm.engine.block_manager import BlockManager
+from hwlm.engine.sequence import Sequence, Status
 
 
 @dataclass

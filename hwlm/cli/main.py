@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(gen)
     gen.set_defaults(func=_generate)
 
-    from hwlm.chat_cli import add_chat_parser
-    from hwlm.server.cli import add_serve_parser
+    from hwlm.cli.chat import add_chat_parser
+    from hwlm.cli.serve import add_serve_parser
 
     add_serve_parser(sub, _add_engine_arguments, _engine_kwargs)
     add_chat_parser(sub, _add_engine_arguments, _engine_kwargs)
@@ -180,7 +180,7 @@ def _devices(args: argparse.Namespace) -> int:
         state = "yes" if info.probe.available else "no"
         print(f"{info.name:<24}{state:<11}{info.probe.score:>6}  {info.probe.reason}")
         if args.check and info.probe.available and info.backend_class is not None:
-            from hwlm.smoke import smoke_test
+            from hwlm.cli.smoke import smoke_test
 
             ok, detail = smoke_test(info.backend_class)
             failed |= not ok

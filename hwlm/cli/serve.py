@@ -1,6 +1,6 @@
 """``hwlm serve``: the argument parser and the server's main loop.
 
-This module imports no web framework at import time (``hwlm.cli`` imports it for every command);
+This module imports no web framework at import time (``hwlm.cli.main`` imports it for every command);
 fastapi and uvicorn are imported inside ``run_serve``.
 """
 
@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
 def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _SignalGuard) -> int:
     import uvicorn
 
-    from hwlm.engine import EngineArgs, LLMEngine
+    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
     from hwlm.server.api import build_app
     from hwlm.server.async_engine import AsyncLLMEngine
     from hwlm.server.chat_template import load_chat_template

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hwlm.penalties import PenaltyTensors, apply_penalties
-from hwlm.sequence import Sequence
-from hwlm.token_constraints import TokenConstraints
-from hwlm.transfer import to_device
-from hwlm.truncation import truncate
+from hwlm.engine.sequence import Sequence
+from hwlm.engine.transfer import to_device
+from hwlm.sampling.penalties import PenaltyTensors, apply_penalties
+from hwlm.sampling.token_constraints import TokenConstraints
+from hwlm.sampling.truncation import truncate
 
 _SORT_LIMIT = 1024  # more candidates than this are put in vocabulary order by a dense scatter
 
@@ -46,7 +46,7 @@ class SampledBatch:
 
     Creating one starts the copy to the host without waiting; ``to_output`` waits for it. Between
     the two the host is free to prepare and launch the next step, which reads ``token_ids`` on
-    the device (see ``hwlm.engine``, overlapped steps)."""
+    the device (see ``hwlm.engine.llm_engine``, overlapped steps)."""
 
     def __init__(
         self,

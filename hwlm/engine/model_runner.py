@@ -15,12 +15,12 @@ import torch
 from hwlm.attention import AttentionMetadata, ForwardContext
 from hwlm.backend import Backend, DecodeRunner
 from hwlm.config import EngineConfig
+from hwlm.engine.scheduler import ScheduledBatch
+from hwlm.engine.sequence import Sequence
 from hwlm.models import CausalLM
-from hwlm.prompt_logprobs import record_prompt_logprobs
-from hwlm.sampler import SampledBatch, Sampler
+from hwlm.sampling.prompt_logprobs import record_prompt_logprobs
+from hwlm.sampling.sampler import SampledBatch, Sampler
 from hwlm.sampling_params import SamplingParams
-from hwlm.scheduler import ScheduledBatch
-from hwlm.sequence import Sequence
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hwlm.block_manager import BlockManager
-from hwlm.sequence import Sequence
+from hwlm.engine.block_manager import BlockManager
+from hwlm.engine.sequence import Sequence
 
 
 def fork_ready_samples(

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hwlm.sequence import Sequence
-from hwlm.transfer import to_device
+from hwlm.engine.sequence import Sequence
+from hwlm.engine.transfer import to_device
 
 _Index = tuple[list[int], list[int]]  # (rows, token ids)
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from hwlm.chat_backends import ChatBackend, ChatSettings, Message, RemoteChat, RemoteChatError
+from hwlm.cli.chat_backends import ChatBackend, ChatSettings, Message, RemoteChat, RemoteChatError
 
 API_KEY_ENV = "HWLM_API_KEY"
 
@@ -70,8 +70,8 @@ def _backend(
     if args.url:
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         return RemoteChat(args.url, args.model, api_key, settings)
-    from hwlm.chat_backends import LocalChat
-    from hwlm.engine import EngineArgs, LLMEngine
+    from hwlm.cli.chat_backends import LocalChat
+    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
     from hwlm.server.chat_template import load_chat_template
 
     engine = LLMEngine(EngineArgs(model=args.model or "hwlm-tiny", **engine_kwargs))

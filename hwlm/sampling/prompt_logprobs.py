@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from hwlm.engine.scheduler import ScheduledBatch
+from hwlm.engine.sequence import Sequence
 from hwlm.outputs import Logprob
-from hwlm.scheduler import ScheduledBatch
-from hwlm.sequence import Sequence
 
 
 def record_prompt_logprobs(

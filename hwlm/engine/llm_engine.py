@@ -16,20 +16,20 @@ from typing import Any
 import torch
 
 from hwlm.backend import Backend
-from hwlm.block_manager import BlockManager
 from hwlm.config import EngineConfig, ModelConfig, parse_dtype
-from hwlm.generation_config import load_sampling_defaults
-from hwlm.model_runner import ModelRunner
+from hwlm.engine.block_manager import BlockManager
+from hwlm.engine.model_runner import ModelRunner
+from hwlm.engine.scheduler import ScheduledBatch, Scheduler
+from hwlm.engine.sequence import Sequence
 from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
-from hwlm.parallel_sampling import catch_up_forks, fork_ready_samples, reported_samples
 from hwlm.registry import select_backend
-from hwlm.request_checks import check_params, tokenize_bad_words
-from hwlm.sampler import SampledBatch, SamplerOutput, TopLogprobs
+from hwlm.sampling.generation_config import load_sampling_defaults
+from hwlm.sampling.parallel_sampling import catch_up_forks, fork_ready_samples, reported_samples
+from hwlm.sampling.request_checks import check_params, tokenize_bad_words
+from hwlm.sampling.sampler import SampledBatch, SamplerOutput, TopLogprobs
+from hwlm.sampling.stop_checker import check_stop
 from hwlm.sampling_params import SamplingParams
-from hwlm.scheduler import ScheduledBatch, Scheduler
-from hwlm.sequence import Sequence
-from hwlm.stop_checker import check_stop
-from hwlm.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
+from hwlm.text.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EngineArgs:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        from hwlm.loader import load_model, resolve_model
+        from hwlm.models.loader import load_model, resolve_model
 
         if args.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {args.block_size}")
@@ -342,7 +342,7 @@ class LLMEngine:
         return failed
 
     def _fork_samples(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[Sequence]:
-        """Parallel sampling (``hwlm.parallel_sampling``): fork the requests whose prompt
+        """Parallel sampling (``hwlm.sampling.parallel_sampling``): fork the requests whose prompt
         completes in this step, and admit the forks."""
         parents = fork_ready_samples(
             seqs, num_new_tokens, self.block_manager, lambda: next(self._seq_ids)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from hwlm.sequence import Sequence
+from hwlm.engine.sequence import Sequence
 
 
 class Block:

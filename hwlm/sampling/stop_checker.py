@@ -8,7 +8,7 @@ and the model's length limit (finish_reason "length").
 
 from __future__ import annotations
 
-from hwlm.sequence import Sequence
+from hwlm.engine.sequence import Sequence
 
 
 def check_stop(seq: Sequence, token: int, new_text: str, max_model_len: int) -> bool:

@@ -17,8 +17,8 @@ import math
 
 import torch
 
+from hwlm.engine.transfer import to_device
 from hwlm.sampling_params import SamplingParams
-from hwlm.transfer import to_device
 
 PREFILTER_K = 256
 

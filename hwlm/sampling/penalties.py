@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hwlm.sequence import Sequence
-from hwlm.transfer import to_device
+from hwlm.engine.sequence import Sequence
+from hwlm.engine.transfer import to_device
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The ``hwlm`` command: ``devices``, ``generate``, ``serve``, ``chat`` and ``bench``."""

@@ -1,0 +1,6 @@
+"""The engine core: requests in, scheduled steps on a backend, per-request outputs out.
+
+``llm_engine`` (the step loop), ``scheduler`` (which tokens run next under a token budget),
+``block_manager`` (paged KV blocks and the prefix cache), ``sequence`` (one sample's state),
+``model_runner`` (a batch as device tensors, the forward and the sampler).
+"""

@@ -1,0 +1,1 @@
+"""Text in and out: loading tokenizers, incremental detokenization."""
