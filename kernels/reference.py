@@ -22,7 +22,9 @@ def write_kv(
     kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
 
 
-def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [seq_len, num_kv_heads, head_size] of one sequence, read via its blocks."""
     block_size = kv_cache.shape[2]
     positions = torch.arange(seq_len, device=kv_cache.device)

@@ -27,7 +27,7 @@ class CausalLM(nn.Module):
     # Prefix of the base model's parameters; checkpoints of the bare base model lack it.
     base_prefix: ClassVar[str] = "model."
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         """input_ids, positions: int64 [num_tokens] (flattened batch).

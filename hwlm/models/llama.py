@@ -59,7 +59,8 @@ class LlamaAttention(nn.Module):
             q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), cos, sin
         )
         v = v.reshape(n, self.num_kv_heads, d).contiguous()
-        return self.o_proj(self.attn(q, k, v, ctx))
+        out: torch.Tensor = self.o_proj(self.attn(q, k, v, ctx))
+        return out
 
 
 class LlamaMLP(nn.Module):
@@ -70,7 +71,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, config.hidden_size, bias, dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(ctx.backend.silu_and_mul(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(ctx.backend.silu_and_mul(self.gate_up_proj(x)))
+        return out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -134,7 +136,8 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin, ctx)
         if residual is None:  # no layers
-            return self.norm(h, ctx.backend)
+            normed: torch.Tensor = self.norm(h, ctx.backend)
+            return normed
         return self.norm.add_and_norm(h, residual, ctx.backend)[0]
 
 
@@ -160,10 +163,11 @@ class LlamaForCausalLM(CausalLM):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
+        hidden: torch.Tensor = self.model(input_ids, positions, ctx)
+        return hidden
 
 
 def _warn_sliding_window(config: ModelConfig) -> None:

@@ -31,7 +31,8 @@ class OPTAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], 3, self.num_heads, self.head_size)
         q, k, v = (t.contiguous() for t in qkv.unbind(1))
-        return self.out_proj(self.attn(q, k, v, ctx))
+        out: torch.Tensor = self.out_proj(self.attn(q, k, v, ctx))
+        return out
 
 
 class OPTDecoderLayer(nn.Module):
@@ -54,9 +55,11 @@ class OPTDecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.pre_norm:
             h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
-            return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
+            mlp: torch.Tensor = self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
+            return h + mlp
         h = self.self_attn_layer_norm(h + self.self_attn(h, ctx))
-        return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
+        out: torch.Tensor = self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
+        return out
 
 
 class OPTDecoder(nn.Module):
@@ -85,7 +88,7 @@ class OPTDecoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h: torch.Tensor = self.embed_tokens(input_ids)
         if self.project_in is not None:
             h = self.project_in(h)
         h = h + self.embed_positions(positions + _POSITION_OFFSET)
@@ -121,10 +124,11 @@ class OPTForCausalLM(CausalLM):
                 decoder.embed_tokens.weight.shape[1], config.vocab_size, False, dtype
             )
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        return self.model.decoder(input_ids, positions, ctx)
+        hidden: torch.Tensor = self.model.decoder(input_ids, positions, ctx)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # project_out runs here rather than in forward: only on the rows that are sampled.

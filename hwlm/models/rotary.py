@@ -10,6 +10,7 @@ base at the longest context the scaling allows, ``max_position_embeddings * fact
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float, int]:
 
 
 def _llama3_inv_freq(
-    dim: int, base: float, factor: float, max_pos: int, params: dict
+    dim: int, base: float, factor: float, max_pos: int, params: dict[str, Any]
 ) -> torch.Tensor:
     inv_freq = _default_inv_freq(dim, base)
     low_freq_factor = float(params["low_freq_factor"])
@@ -61,7 +62,9 @@ def _llama3_inv_freq(
     return torch.where(is_medium, smoothed, inv_freq_llama)
 
 
-def _yarn(dim: int, base: float, max_pos: int, params: dict) -> tuple[torch.Tensor, float, int]:
+def _yarn(
+    dim: int, base: float, max_pos: int, params: dict[str, Any]
+) -> tuple[torch.Tensor, float, int]:
     # transformers 5 semantics: `factor` is used as given (transformers 4 replaced it with
     # max_position_embeddings / original_max_position_embeddings when the latter was present).
     original = int(params.get("original_max_position_embeddings") or max_pos)

@@ -26,10 +26,12 @@ def decode_tokens(
     spaces_between_special_tokens: bool = True,
 ) -> str:
     if spaces_between_special_tokens:
-        return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-    return tokenizer.decode(
+        text: str = tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return text
+    text = tokenizer.decode(
         token_ids, skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=False
     )
+    return text
 
 
 class IncrementalDetokenizer:

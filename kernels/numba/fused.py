@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hwlm.kernels.numba.paged_attention import _exp
+from hwlm.kernels.numba.paged_attention import Array, _exp
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _silu_and_mul(x, out):
+def _silu_and_mul(x: Array, out: Array) -> None:
     rows, width = out.shape
     for i in prange(rows):
         for j in range(width):
@@ -29,7 +29,7 @@ def _silu_and_mul(x, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _rms_norm(x, weight, eps, out):
+def _rms_norm(x: Array, weight: Array, eps: np.float32, out: Array) -> None:
     rows, width = x.shape
     for i in prange(rows):
         total = np.float32(0.0)

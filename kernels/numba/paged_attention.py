@@ -16,6 +16,7 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numba
 import numpy as np
@@ -26,6 +27,8 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from hwlm.attention import AttentionMetadata
+
+Array = np.ndarray[Any, Any]  # numba compiles for the arrays' dtypes; annotations are for mypy
 
 KEY_TILE = 32  # keys per online-softmax step, whatever the block size; a multiple of 4
 QUERY_CHUNK = 16  # query tokens per work item: splits long prefills across threads
@@ -40,25 +43,27 @@ _launch_lock = threading.Lock()
 
 
 @intrinsic
-def _bits_to_float32(typingctx, bits):
-    def codegen(context, builder, signature, args):
+def _bits_to_float32(typingctx: Any, bits: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
 
 
 @intrinsic
-def _prefetch(typingctx, arr, index):
+def _prefetch(typingctx: Any, arr: Any, index: Any) -> Any:
     """Hint the cache to fetch arr.flat[index] (arr C-contiguous)."""
 
-    def codegen(context, builder, signature, args):
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, value=args[0])
         ptr = builder.gep(ary.data, [args[1]])
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+            builder.module, fnty, "llvm.prefetch.p0"
+        )
         builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
@@ -66,7 +71,7 @@ def _prefetch(typingctx, arr, index):
 
 
 @njit(fastmath=True, inline="always", cache=True)
-def _exp(x):
+def _exp(x: Any) -> Any:
     """exp(x) for float32 x <= 0 (relative error ~1e-7). Unlike libm's expf LLVM vectorises it."""
     x = max(x, np.float32(-87.0))  # keeps 2**k a normal float; exp(-87) is 0 for our purpose
     k = math.floor(x * _LOG2E + np.float32(0.5))
@@ -83,7 +88,16 @@ def _exp(x):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, num_threads, out):
+def _attention(
+    query: Array,
+    kv_cache: Array,
+    query_start_loc: Array,
+    seq_lens: Array,
+    block_tables: Array,
+    scale: float | np.float32,
+    num_threads: int,
+    out: Array,
+) -> None:
     num_heads, head_size = query.shape[1], query.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -161,7 +175,7 @@ def _attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, 
                     base = (sl[kk] * num_kv_heads + kvh) * head_size
                     for d in range(0, head_size, 16):
                         _prefetch(kv_flat, base + d)  # type: ignore[call-arg]
-                        _prefetch(kv_flat, v_off + base + d)  # type: ignore[call-arg]
+                        _prefetch(kv_flat, v_off + base + d)
                 # Scores, four keys at a time: each query row is loaded once per four keys, each
                 # key row once for all query rows of the kv group. Past the end of the context the
                 # last key is repeated; scores hidden by causality are masked by the softmax below.
@@ -217,7 +231,7 @@ def _attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, 
 
 
 @njit(parallel=True, cache=True)
-def _write_kv(key, value, kv_rows, slot_mapping):
+def _write_kv(key: Array, value: Array, kv_rows: Array, slot_mapping: Array) -> None:
     for t in range(slot_mapping.shape[0]):
         if slot_mapping[t] >= kv_rows.shape[1]:
             raise ValueError("slot_mapping names a slot outside the cache")

@@ -9,6 +9,7 @@ machines without triton.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def _fix_interpreter_scalar_index() -> None:
@@ -33,7 +34,7 @@ def _fix_interpreter_scalar_index() -> None:
     if patch is None or getattr(patch, "_hwlm_index_fix", False):
         return
 
-    def patched(tensor, scope):
+    def patched(tensor: Any, scope: Any) -> None:
         patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 

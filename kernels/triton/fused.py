@@ -23,8 +23,16 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _normalize_and_store(x, out_row_ptr, w_ptr, cols, mask, n_cols, eps):
+@triton.jit  # type: ignore[untyped-decorator]
+def _normalize_and_store(
+    x: tl.tensor,
+    out_row_ptr: tl.tensor,
+    w_ptr: tl.tensor,
+    cols: tl.tensor,
+    mask: tl.tensor,
+    n_cols: tl.tensor,
+    eps: tl.tensor,
+) -> None:
     """RMSNorm of one float32 row ``x``, rounded to the output dtype before and after the weight
     multiplies it (as the torch reference), stored at ``out_row_ptr``."""
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
@@ -33,8 +41,17 @@ def _normalize_and_store(x, out_row_ptr, w_ptr, cols, mask, n_cols, eps):
     tl.store(out_row_ptr + cols, (normed * w).to(out_row_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _rms_norm_kernel(out_ptr, x_ptr, w_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _rms_norm_kernel(
+    out_ptr: tl.tensor,
+    x_ptr: tl.tensor,
+    w_ptr: tl.tensor,
+    stride_x: tl.tensor,
+    stride_out: tl.tensor,
+    n_cols: tl.tensor,
+    eps: tl.tensor,
+    BLOCK: tl.constexpr,
+) -> None:
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -42,11 +59,19 @@ def _rms_norm_kernel(out_ptr, x_ptr, w_ptr, stride_x, stride_out, n_cols, eps, B
     _normalize_and_store(x, out_ptr + row * stride_out, w_ptr, cols, mask, n_cols, eps)
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _add_rms_norm_kernel(
-    out_ptr, res_ptr, x_ptr, w_ptr, stride_x, stride_res, stride_out, n_cols, eps,
+    out_ptr: tl.tensor,
+    res_ptr: tl.tensor,
+    x_ptr: tl.tensor,
+    w_ptr: tl.tensor,
+    stride_x: tl.tensor,
+    stride_res: tl.tensor,
+    stride_out: tl.tensor,
+    n_cols: tl.tensor,
+    eps: tl.tensor,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+) -> None:
     # The whole row is loaded before anything is stored, so writing the sum over ``residual``
     # (which this row alone reads) is safe.
     row = tl.program_id(0).to(tl.int64)
@@ -61,8 +86,15 @@ def _add_rms_norm_kernel(
     )
 
 
-@triton.jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_out, half, BLOCK: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _silu_and_mul_kernel(
+    out_ptr: tl.tensor,
+    x_ptr: tl.tensor,
+    stride_x: tl.tensor,
+    stride_out: tl.tensor,
+    half: tl.tensor,
+    BLOCK: tl.constexpr,
+) -> None:
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < half
@@ -114,11 +146,23 @@ def silu_and_mul(x: torch.Tensor, *, warp_size: int = 32) -> torch.Tensor:
     return out.view(*x.shape[:-1], half)
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _rotate_heads(
-    x_ptr, out_ptr, cos, sin, token, head0, n_heads, stride_xt, stride_xh, stride_ot, stride_oh,
-    half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    x_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    cos: tl.tensor,
+    sin: tl.tensor,
+    token: tl.tensor,
+    head0: tl.tensor,
+    n_heads: tl.tensor,
+    stride_xt: tl.tensor,
+    stride_xh: tl.tensor,
+    stride_ot: tl.tensor,
+    stride_oh: tl.tensor,
+    half: tl.tensor,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
     """Rotates heads ``head0 ..`` of one token: a [BLOCK_H, BLOCK_D] tile of each half."""
     heads = head0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
@@ -136,13 +180,31 @@ def _rotate_heads(
     tl.store(dst + half, o2.to(dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _rotary_kernel(
-    q_out_ptr, k_out_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-    stride_cos, stride_sin, n_q_heads, n_k_heads, half, q_blocks,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    q_out_ptr: tl.tensor,
+    k_out_ptr: tl.tensor,
+    q_ptr: tl.tensor,
+    k_ptr: tl.tensor,
+    cos_ptr: tl.tensor,
+    sin_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    stride_kt: tl.tensor,
+    stride_kh: tl.tensor,
+    stride_qot: tl.tensor,
+    stride_qoh: tl.tensor,
+    stride_kot: tl.tensor,
+    stride_koh: tl.tensor,
+    stride_cos: tl.tensor,
+    stride_sin: tl.tensor,
+    n_q_heads: tl.tensor,
+    n_k_heads: tl.tensor,
+    half: tl.tensor,
+    q_blocks: tl.tensor,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
     # Grid: (tokens, head blocks of q then of k); cos/sin are read once per program.
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)

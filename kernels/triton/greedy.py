@@ -14,8 +14,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _greedy_kernel(logits_ptr, tokens_ptr, logprobs_ptr, stride_row, vocab, BLOCK: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _greedy_kernel(
+    logits_ptr: tl.tensor,
+    tokens_ptr: tl.tensor,
+    logprobs_ptr: tl.tensor,
+    stride_row: tl.tensor,
+    vocab: tl.tensor,
+    BLOCK: tl.constexpr,
+) -> None:
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     offsets = tl.arange(0, BLOCK)

@@ -100,8 +100,8 @@ def choose_launch(
     return AttentionLaunch(block_m, block_n, max(1, num_splits), num_warps, 2)
 
 
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _dot(a: tl.tensor, b: tl.tensor, acc: tl.tensor, UPCAST: tl.constexpr) -> tl.tensor:
     """``a @ b + acc`` in float32 (no TF32); UPCAST multiplies in float32 (interpreter only)."""
     if UPCAST:
         a = a.to(tl.float32)
@@ -109,8 +109,14 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision="ieee")
 
 
-@triton.jit
-def _load_tile(ptrs, key_mask, dim_mask, MASK_KEYS: tl.constexpr, MASK_DIMS: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _load_tile(
+    ptrs: tl.tensor,
+    key_mask: tl.tensor,
+    dim_mask: tl.tensor,
+    MASK_KEYS: tl.constexpr,
+    MASK_DIMS: tl.constexpr,
+) -> tl.tensor:
     """Masks only where needed: unmasked loads of full tiles vectorise and pipeline best."""
     if MASK_KEYS:
         x = tl.load(ptrs, mask=key_mask & dim_mask, other=0.0)
@@ -121,28 +127,28 @@ def _load_tile(ptrs, key_mask, dim_mask, MASK_KEYS: tl.constexpr, MASK_DIMS: tl.
     return x
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _attend_tile(
-    q,
-    q_pos,
-    m_i,
-    l_i,
-    acc,
-    start,
-    hi,
-    table,
-    k_head_ptr,
-    v_head_ptr,
-    stride_cb,
-    stride_cs,
-    scale_log2,
+    q: tl.tensor,
+    q_pos: tl.tensor,
+    m_i: tl.tensor,
+    l_i: tl.tensor,
+    acc: tl.tensor,
+    start: tl.tensor,
+    hi: tl.tensor,
+    table: tl.tensor,
+    k_head_ptr: tl.tensor,
+    v_head_ptr: tl.tensor,
+    stride_cb: tl.tensor,
+    stride_cs: tl.tensor,
+    scale_log2: tl.tensor,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-):
+) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """One online-softmax step over keys ``start .. start + BLOCK_N``.
 
     CAUSAL=False is for tiles that every query row sees in full (keys below the tile's first
@@ -190,29 +196,29 @@ def _attend_tile(
 
 # The block table's width changes from step to step; specialising on it (== 1, divisible by 16)
 # would compile new variants mid-run.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt"])  # type: ignore[untyped-decorator]
 def _attention_kernel(
-    out_ptr,
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    q_ptr,
-    kv_cache_ptr,
-    query_start_ptr,
-    seq_lens_ptr,
-    block_tables_ptr,
-    scale_log2,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    stride_bt,
-    stride_kv,
-    num_heads,
-    num_splits,
+    out_ptr: tl.tensor,
+    part_acc_ptr: tl.tensor,
+    part_max_ptr: tl.tensor,
+    part_sum_ptr: tl.tensor,
+    q_ptr: tl.tensor,
+    kv_cache_ptr: tl.tensor,
+    query_start_ptr: tl.tensor,
+    seq_lens_ptr: tl.tensor,
+    block_tables_ptr: tl.tensor,
+    scale_log2: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    stride_ot: tl.tensor,
+    stride_oh: tl.tensor,
+    stride_cb: tl.tensor,
+    stride_cs: tl.tensor,
+    stride_ch: tl.tensor,
+    stride_bt: tl.tensor,
+    stride_kv: tl.tensor,
+    num_heads: tl.tensor,
+    num_splits: tl.tensor,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -222,7 +228,7 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-):
+) -> None:
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     q_tile = tl.program_id(0) // num_splits
     split = tl.program_id(0) % num_splits
@@ -296,20 +302,20 @@ def _attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _merge_splits_kernel(
-    out_ptr,
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    stride_ot,
-    stride_oh,
-    num_heads,
-    num_splits,
+    out_ptr: tl.tensor,
+    part_acc_ptr: tl.tensor,
+    part_max_ptr: tl.tensor,
+    part_sum_ptr: tl.tensor,
+    stride_ot: tl.tensor,
+    stride_oh: tl.tensor,
+    num_heads: tl.tensor,
+    num_splits: tl.tensor,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-):
+) -> None:
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)

@@ -13,26 +13,26 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _write_kv_kernel(
-    key_ptr,
-    value_ptr,
-    kv_cache_ptr,
-    slot_ptr,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_kv,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    block_size,
-    num_kv_heads,
+    key_ptr: tl.tensor,
+    value_ptr: tl.tensor,
+    kv_cache_ptr: tl.tensor,
+    slot_ptr: tl.tensor,
+    stride_kt: tl.tensor,
+    stride_kh: tl.tensor,
+    stride_vt: tl.tensor,
+    stride_vh: tl.tensor,
+    stride_kv: tl.tensor,
+    stride_cb: tl.tensor,
+    stride_cs: tl.tensor,
+    stride_ch: tl.tensor,
+    block_size: tl.tensor,
+    num_kv_heads: tl.tensor,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
-):
+) -> None:
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
     if slot < 0:
