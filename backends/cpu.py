@@ -69,16 +69,17 @@ class CPUBackend(Backend):
         return int(min(memory_utilization * _available_memory(), cap))
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        from hwlm.backends.cpu_linear import pack_linear_layers
+        from .cpu_linear import pack_linear_layers
 
         packed = pack_linear_layers(model)
         logger.info("cpu: %d dense layers repacked for oneDNN", packed)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+        out: torch.Tensor = self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps)
+        return out.view(x.shape)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
+        out: torch.Tensor = self._kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
     def write_kv(
@@ -93,7 +94,8 @@ class CPUBackend(Backend):
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        return self._kernels.paged_attention(query, kv_cache, metadata, scale)
+        out: torch.Tensor = self._kernels.paged_attention(query, kv_cache, metadata, scale)
+        return out
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         if not pairs:

@@ -35,9 +35,14 @@ class PackedLinear:
         rows = x.numel() // x.shape[-1]
         padded = bucket_rows(rows)
         if padded == rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self.packed, self.bias, "none", [], ""
+            )
+            return out
         x2 = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x2, self.packed, self.bias, "none", [], ""
+        )
         return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 

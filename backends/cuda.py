@@ -15,6 +15,7 @@ import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, DecodeRunner, ProbeResult
+from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_upload
 
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
@@ -74,6 +75,10 @@ class CUDABackend(Backend):
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     preferred_dtype = torch.bfloat16
     warp_size: ClassVar[int] = 32  # threads per warp: Triton's num_warps counts these
+    # The GPU runs a step's kernels while the host prepares the next one: overlap them, and
+    # size the KV cache after a step as large as the scheduler allows.
+    overlap_steps = True
+    profile_memory_with_warm_up = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,29 +152,37 @@ class CUDABackend(Backend):
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        return self._kernels.paged_attention(
+        out: torch.Tensor = self._kernels.paged_attention(
             query, kv_cache, metadata, scale, warp_size=self.warp_size, num_sms=self.num_sms
         )
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._kernels.rms_norm(x, weight, eps, warp_size=self.warp_size)
+        out: torch.Tensor = self._kernels.rms_norm(x, weight, eps, warp_size=self.warp_size)
+        return out
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Writes the sum over ``residual`` (the Backend contract allows it): no extra buffer.
-        return self._kernels.add_rms_norm(x, residual, weight, eps, warp_size=self.warp_size)
+        normed, total = self._kernels.add_rms_norm(
+            x, residual, weight, eps, warp_size=self.warp_size
+        )
+        return normed, total
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernels.silu_and_mul(x, warp_size=self.warp_size)
+        out: torch.Tensor = self._kernels.silu_and_mul(x, warp_size=self.warp_size)
+        return out
 
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._kernels.rotary(q, k, cos, sin, warp_size=self.warp_size)
+        q_out, k_out = self._kernels.rotary(q, k, cos, sin, warp_size=self.warp_size)
+        return q_out, k_out
 
     def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._kernels.greedy_sample(logits, warp_size=self.warp_size)
+        tokens, logprobs = self._kernels.greedy_sample(logits, warp_size=self.warp_size)
+        return tokens, logprobs
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
@@ -181,9 +194,20 @@ class CUDABackend(Backend):
         max_num_seqs: int,
         max_model_len: int,
     ) -> DecodeRunner | None:
-        from hwlm.backends.cuda_graphs import DecodeGraphs
+        from .cuda_graphs import DecodeGraphs
 
         return DecodeGraphs(model, self, kv_caches, max_num_seqs, max_model_len).capture()
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def default_max_num_batched_tokens(self, offline: bool) -> int:
+        """vLLM's defaults on large GPUs: offline batches take fewer, larger prefill steps
+        (16384 tokens); a server keeps 8192 for latency."""
+        return 16384 if offline else 8192
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        return pinned_upload(host, self.device)
+
+    def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
+        return PinnedHostCopy(tensors, self.device)

@@ -92,7 +92,8 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len,
         )
         ctx = ForwardContext(self.backend, self.kv_caches, metadata)
-        return self.model(self.input_ids[:size], self.positions[:size], ctx)
+        hidden: torch.Tensor = self.model(self.input_ids[:size], self.positions[:size], ctx)
+        return hidden
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]

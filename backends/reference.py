@@ -24,13 +24,20 @@ class ReferenceBackend(Backend):
     def memory_budget(self, memory_utilization: float) -> int:
         return int(1 << 30)
 
-    def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         reference.write_kv(key, value, kv_cache, slot_mapping)
 
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        return reference.paged_attention(query, kv_cache, metadata, scale)
+        out: torch.Tensor = reference.paged_attention(query, kv_cache, metadata, scale)
+        return out
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         reference.copy_blocks(kv_caches, pairs)

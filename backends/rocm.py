@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from hwlm.backend import ProbeResult
-from hwlm.backends.cuda import CUDABackend, _describe
+
+from .cuda import CUDABackend, _describe
 
 _NOT_VALIDATED = "not validated on AMD hardware"
 

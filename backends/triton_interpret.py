@@ -12,12 +12,19 @@ import os
 
 import torch
 
-from hwlm.backend import DecodeRunner, ProbeResult
-from hwlm.backends.cuda import CUDABackend
+from hwlm.backend import Backend, DecodeRunner, ProbeResult
+from hwlm.engine.transfer import HostCopy
+
+from .cuda import CUDABackend
 
 
 class TritonInterpreterBackend(CUDABackend):
+    """The cuda backend's kernels with the CPU's device policy: the interpreter runs them on the
+    host, synchronously, on tensors in ordinary memory."""
+
     name = "triton-interpret"
+    overlap_steps = False
+    profile_memory_with_warm_up = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,3 +57,12 @@ class TritonInterpreterBackend(CUDABackend):
 
     def synchronize(self) -> None:
         return None
+
+    def default_max_num_batched_tokens(self, offline: bool) -> int:
+        return Backend.default_max_num_batched_tokens(self, offline)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        return Backend.upload(self, host)
+
+    def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
+        return Backend.start_host_copy(self, tensors)

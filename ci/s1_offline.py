@@ -7,6 +7,7 @@ LLM.generate with the server's settings, output tokens per second (median of thr
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="as hwlm bench serve's --seed")
+    parser.add_argument("--output-json", default=None, help="write the figures here")
     args = parser.parse_args()
     llm = LLM(args.model, load_format="dummy", device=args.device, max_model_len=args.max_model_len)
     prompts = random_prompts(args.num_prompts, args.input_len, seed=args.seed)
@@ -40,6 +42,11 @@ def main() -> None:
     print(f"offline: {prompt_tokens} prompt tokens, {tokens} output tokens")
     print(f"runs {', '.join(f'{t:.2f}' for t in times)} s; median {seconds:.2f} s")
     print(f"output tok/s {tokens / seconds:.1f}")
+    if args.output_json:
+        figures = {"output_throughput": tokens / seconds, "duration": seconds, "runs": times}
+        figures.update(total_input_tokens=prompt_tokens, total_output_tokens=tokens)
+        with open(args.output_json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ A backend is a class (one instance per device) with a handful of members:
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
 - ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
   eager execution (the cuda backend's CUDA graphs), or None.
+- Device policy, optional, answered differently by devices that run asynchronously to the host
+  (the defaults are the CPU's): ``overlap_steps``, ``profile_memory_with_warm_up``,
+  ``default_max_num_batched_tokens(offline)``, ``upload(host)`` and ``start_host_copy(tensors)``.
 
 A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
 hwlm refuses one built for another version.
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+
+from hwlm.engine.transfer import CopyAtWait, HostCopy
 
 if TYPE_CHECKING:
     from hwlm.attention import AttentionMetadata
@@ -61,6 +66,14 @@ class Backend(ABC):
     interface_version: ClassVar[int] = INTERFACE_VERSION
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     preferred_dtype: ClassVar[torch.dtype] = torch.float32
+    # Whether the engine overlaps steps by default (``async_scheduling=None``): schedules and
+    # launches step n + 1 while the device runs step n. Worth it only where the forward runs
+    # asynchronously to the host; on a CPU the host runs it, so there is nothing to overlap.
+    overlap_steps: ClassVar[bool] = False
+    # Whether the engine's warm-up step, run before ``memory_budget``, is as large as the
+    # scheduler allows, so that the budget can count a step's peak memory. Otherwise the engine
+    # warms up with two small steps, which compile what the first requests would wait for.
+    profile_memory_with_warm_up: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -79,9 +92,9 @@ class Backend(ABC):
 
     @abstractmethod
     def memory_budget(self, memory_utilization: float) -> int:
-        """Bytes this backend can give the KV cache, once the model is loaded. On devices other
-        than the CPU the engine first runs a warm-up step as large as the scheduler allows (with
-        a one-block cache), so a backend can count that step's peak (the cuda backend does)."""
+        """Bytes this backend can give the KV cache, once the model is loaded and warmed up.
+        With ``profile_memory_with_warm_up`` the warm-up was a step as large as the scheduler
+        allows (with a one-block cache), so a backend can count that step's peak (cuda does)."""
 
     def allocate_kv_cache(
         self,
@@ -177,3 +190,24 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on synchronous devices."""
         return None
+
+    # Device policy ------------------------------------------------------------------------------
+
+    def default_max_num_batched_tokens(self, offline: bool) -> int:
+        """The most tokens one step computes when the user does not say (``offline``: for
+        ``LLM`` batches rather than a server, where latency matters). The default is 8192."""
+        return 8192
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` (a CPU tensor the engine built) on ``self.device``. With overlapped steps this
+        must not wait for queued device work (GPUs copy from pinned memory, see
+        ``hwlm.engine.transfer.pinned_upload``); the caller does not modify ``host`` afterwards.
+        The default is a plain ``to``, which returns ``host`` itself on the CPU."""
+        return host.to(self.device)
+
+    def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
+        """Start copying a step's sampled tensors to the host; the engine calls ``wait()`` on the
+        result when it needs them, after launching the next step. The default copies only then
+        (``hwlm.engine.transfer.CopyAtWait``; CPU tensors need no copy); GPUs start the copy at
+        once into pinned buffers and record an event (``PinnedHostCopy``)."""
+        return CopyAtWait(tensors)

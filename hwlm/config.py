@@ -8,11 +8,20 @@ installed: transformers 4 writes ``rope_theta``/``rope_scaling``, transformers 5
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from hwlm.engine_args import arg_default
+
+logger = logging.getLogger(__name__)
+
+# Set to 1 to allow a max_model_len above the model's limit (vLLM: VLLM_ALLOW_LONG_MAX_MODEL_LEN).
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "HWLM_ALLOW_LONG_MAX_MODEL_LEN"
 
 # Hugging Face architecture name -> hwlm model family.
 ARCHITECTURES: dict[str, str] = {
@@ -109,6 +118,22 @@ class ModelConfig:
             hf=hf,
         )
 
+    @property
+    def max_context_len(self) -> int:
+        """The most positions the model covers (vLLM's derived max_model_len, and the length of
+        hwlm's rotary table): max_position_embeddings, stretched by linear and dynamic rope
+        scaling's factor, and for yarn the original length times the factor if that is longer."""
+        params = self.rope_scaling or {}
+        kind = params.get("rope_type", "default")
+        if kind in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * float(params["factor"]))
+        if kind == "yarn":
+            original = int(params.get("original_max_position_embeddings") or 0)
+            original = original or self.max_position_embeddings
+            factor = float(params.get("factor") or self.max_position_embeddings / original)
+            return max(self.max_position_embeddings, int(original * factor))
+        return self.max_position_embeddings
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V that one token occupies across all layers."""
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -133,19 +158,48 @@ def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling or None
 
 
+def resolve_max_model_len(requested: int | None, model: ModelConfig) -> int:
+    """The engine's context length: ``requested``, or the model's max_position_embeddings when
+    None. Above the model's limit (``max_context_len``) it is a ValueError, as in vLLM, unless
+    HWLM_ALLOW_LONG_MAX_MODEL_LEN=1: then only a warning (positions past the limit may give
+    wrong outputs or fail)."""
+    if requested is None:
+        return model.max_position_embeddings
+    limit = model.max_context_len
+    if requested <= limit:
+        return requested
+    if os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV, "").strip().lower() in ("1", "true"):
+        logger.warning(
+            "max_model_len %d is above the model's limit of %d tokens (%s=1): positions past it "
+            "may give wrong outputs or fail",
+            requested,
+            limit,
+            ALLOW_LONG_MAX_MODEL_LEN_ENV,
+        )
+        return requested
+    source = "max_position_embeddings"
+    if limit != model.max_position_embeddings:
+        source += f" {model.max_position_embeddings} with rope scaling"
+    raise ValueError(
+        f"max_model_len {requested} is above the model's limit of {limit} tokens ({source}); "
+        f"set {ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to allow it anyway"
+    )
+
+
 @dataclass
 class EngineConfig:
-    """Scheduling and cache settings, with vLLM's names and defaults where they exist."""
+    """The engine's resolved settings: built by ``LLMEngine`` from ``EngineArgs`` (whose
+    defaults these are, for code that builds one directly), the model and the backend."""
 
     max_model_len: int
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None
-    seed: int = 0
-    enforce_eager: bool = False  # True: no CUDA graphs (every step runs the model eagerly)
+    max_num_seqs: int = arg_default("max_num_seqs")
+    max_num_batched_tokens: int = 8192  # the server's budget; LLMEngine picks one per device
+    block_size: int = arg_default("block_size")
+    enable_prefix_caching: bool = arg_default("enable_prefix_caching")
+    memory_utilization: float = arg_default("memory_utilization")
+    num_kv_blocks: int | None = arg_default("num_kv_blocks")
+    seed: int = arg_default("seed")
+    enforce_eager: bool = arg_default("enforce_eager")  # True: no CUDA graphs
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")

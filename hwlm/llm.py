@@ -9,7 +9,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hwlm.engine.llm_engine import EngineArgs, LLMEngine
+from hwlm.engine.llm_engine import LLMEngine
+from hwlm.engine_args import from_kwargs, settings_doc
 from hwlm.outputs import RequestOutput
 from hwlm.sampling.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from hwlm.sampling_params import SamplingParams
@@ -20,65 +21,22 @@ PromptType = str | dict[str, Any] | list[int]
 
 
 class LLM:
-    """An engine for offline batches.
+    """An engine for offline batches: ``LLM(model, **settings).generate(prompts, params)``.
 
     ``model`` is a local Hugging Face folder, a hub id (the HF cache and HF_HUB_OFFLINE are
     honoured) or a preset name (``hwlm-tiny``, ``qwen2.5-0.5b``, ... with ``load_format="dummy"``).
-    ``num_kv_blocks`` fixes the KV cache size exactly, overriding ``memory_utilization``
-    (``gpu_memory_utilization`` is accepted as another name for it). ``enforce_eager=True``
-    turns off CUDA graphs (decode steps then run the model eagerly, as prefills do).
-    ``max_num_batched_tokens`` (the most tokens one step computes) defaults to 16384 on GPUs,
-    as vLLM's LLM class on large GPUs, and to 8192 on the CPU and in the server.
-    ``async_scheduling`` overlaps the host's work with the device's (step n + 1 is scheduled and
-    launched while step n runs); the default, None, turns it on for GPUs and off on the CPU.
+    The keyword settings are ``EngineArgs``' fields (``hwlm serve`` takes each as a ``--flag``);
+    an unknown one is a TypeError. ``offline`` is on here: on a GPU, steps default to vLLM's
+    offline budget of 16384 tokens, where the server keeps 8192 for latency.
+
+    Settings (generated from ``hwlm.engine_args.EngineArgs``):
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        seed: int = 0,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        memory_utilization: float | None = None,
-        gpu_memory_utilization: float | None = None,
-        num_kv_blocks: int | None = None,
-        load_format: str = "auto",
-        tokenizer: str | None = None,
-        enforce_eager: bool = False,
-        max_logprobs: int = 20,
-        async_scheduling: bool | None = None,
-    ) -> None:
-        if memory_utilization is not None and gpu_memory_utilization is not None:
-            if memory_utilization != gpu_memory_utilization:
-                raise ValueError("memory_utilization and gpu_memory_utilization disagree; give one")
-        utilization = memory_utilization or gpu_memory_utilization or 0.9
-        self.engine = LLMEngine(
-            EngineArgs(
-                model=model,
-                device=device,
-                dtype=dtype,
-                seed=seed,
-                max_model_len=max_model_len,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                block_size=block_size,
-                enable_prefix_caching=enable_prefix_caching,
-                memory_utilization=utilization,
-                num_kv_blocks=num_kv_blocks,
-                load_format=load_format,
-                tokenizer=tokenizer,
-                enforce_eager=enforce_eager,
-                max_logprobs=max_logprobs,
-                async_scheduling=async_scheduling,
-                offline=True,
-            )
-        )
+    __doc__ = (__doc__ or "") + "\n" + settings_doc(defaults={"offline": True}) + "\n"
+
+    def __init__(self, model: str, **settings: Any) -> None:
+        settings.setdefault("offline", True)
+        self.engine = LLMEngine(from_kwargs(model, settings))
         self._request_counter = itertools.count()
 
     def reset_prefix_cache(self) -> bool:

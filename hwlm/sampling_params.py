@@ -1,6 +1,7 @@
 """Sampling controls with vLLM's names, defaults and validation.
 
-Every out-of-range value raises a ValueError that names the parameter and its allowed range.
+Every out-of-range value raises a ``ParameterError`` (a ValueError) that names the parameter and
+its allowed range, and carries the parameter's name in ``param``.
 Checks that need the model (token ids inside the vocabulary, bad words tokenized) happen when the
 engine accepts the request: ``LLMEngine.add_request``.
 """
@@ -21,6 +22,17 @@ MAX_LOGIT_BIAS = 100.0
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
+class ParameterError(ValueError):
+    """A request parameter is invalid; ``param`` is its name (a ``SamplingParams`` field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[type[ParameterError], tuple[str, str]]:
+        return type(self), (str(self), self.param)  # picklable: engine and server may be apart
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token, and when to stop (vLLM's semantics).
@@ -39,7 +51,8 @@ class SamplingParams:
     - ``bad_words`` are never generated (multi-token words: their last token is banned whenever
       the tokens before it were just generated). ``logit_bias`` adds to the logits of the given
       token ids (each in [-100, 100]); ``allowed_token_ids`` restricts sampling to that set.
-    - ``min_tokens``: EOS and ``stop_token_ids`` are masked until that many tokens exist.
+    - ``min_tokens``: EOS (even with ``ignore_eos``) and ``stop_token_ids`` are masked until that
+      many tokens exist.
     - ``logprobs`` = N returns, per generated token, the N most likely tokens plus the sampled one,
       with ranks (log-probabilities of the model's raw distribution); -1 means the whole
       vocabulary. ``prompt_logprobs`` = N does the same for every prompt token after the first.
@@ -171,32 +184,38 @@ def _int_keys(bias: dict[Any, float]) -> dict[int, float]:
     try:
         return {int(k): float(v) for k, v in bias.items()}
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"logit_bias must map integer token ids to numbers, got {bias!r}") from exc
+        raise ParameterError(
+            f"logit_bias must map integer token ids to numbers, got {bias!r}", "logit_bias"
+        ) from exc
 
 
 def _require_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ParameterError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}", name
+        )
 
 
 def _require_finite(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ParameterError(f"{name} must be a finite number, got {value!r}", name)
 
 
 def _check_counts(p: SamplingParams) -> None:
     _require_int("n", p.n)
     if p.n < 1:
-        raise ValueError(f"n must be at least 1, got {p.n}")
+        raise ParameterError(f"n must be at least 1, got {p.n}", "n")
     _require_int("best_of", p.best_of)
     assert p.best_of is not None
     if p.best_of < p.n:
-        raise ValueError(f"best_of must be at least n={p.n}, got {p.best_of}")
+        raise ParameterError(f"best_of must be at least n={p.n}, got {p.best_of}", "best_of")
     if p.seed is not None:
         _require_int("seed", p.seed)
         lo, hi = _SEED_RANGE
         if not lo <= p.seed <= hi:
-            raise ValueError(f"seed must be in [{lo}, {hi}] (or -1/None for none), got {p.seed}")
+            raise ParameterError(
+                f"seed must be in [{lo}, {hi}] (or -1/None for none), got {p.seed}", "seed"
+            )
 
 
 def _check_penalties(p: SamplingParams) -> None:
@@ -204,31 +223,36 @@ def _check_penalties(p: SamplingParams) -> None:
         value = getattr(p, name)
         _require_finite(name, value)
         if not -2.0 <= value <= 2.0:
-            raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            raise ParameterError(f"{name} must be in [-2, 2], got {value}", name)
     _require_finite("repetition_penalty", p.repetition_penalty)
     if p.repetition_penalty <= 0.0:
-        raise ValueError(
-            f"repetition_penalty must be greater than 0 (range (0, inf)), got {p.repetition_penalty}"
+        raise ParameterError(
+            f"repetition_penalty must be greater than 0 (range (0, inf)), got {p.repetition_penalty}",
+            "repetition_penalty",
         )
 
 
 def _check_truncation(p: SamplingParams) -> None:
     _require_finite("temperature", p.temperature)
     if p.temperature < 0.0:
-        raise ValueError(f"temperature must be non-negative (range [0, inf)), got {p.temperature}")
+        raise ParameterError(
+            f"temperature must be non-negative (range [0, inf)), got {p.temperature}", "temperature"
+        )
     _require_finite("top_p", p.top_p)
     if not 0.0 < p.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+        raise ParameterError(f"top_p must be in (0, 1], got {p.top_p}", "top_p")
     _require_int("top_k", p.top_k)
     if p.top_k < 0:
-        raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {p.top_k}")
+        raise ParameterError(
+            f"top_k must be 0 or -1 (disable), or at least 1, got {p.top_k}", "top_k"
+        )
     _require_finite("min_p", p.min_p)
     if not 0.0 <= p.min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")
+        raise ParameterError(f"min_p must be in [0, 1], got {p.min_p}", "min_p")
     if p.greedy and p.best_of is not None and p.best_of > 1:
         name, value = ("n", p.n) if p.n > 1 else ("best_of", p.best_of)
-        raise ValueError(
-            f"{name} must be 1 when using greedy sampling (temperature 0), got {value}"
+        raise ParameterError(
+            f"{name} must be 1 when using greedy sampling (temperature 0), got {value}", name
         )
 
 
@@ -236,15 +260,17 @@ def _check_lengths(p: SamplingParams) -> None:
     if p.max_tokens is not None:
         _require_int("max_tokens", p.max_tokens)
         if p.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {p.max_tokens}")
+            raise ParameterError(f"max_tokens must be at least 1, got {p.max_tokens}", "max_tokens")
     _require_int("min_tokens", p.min_tokens)
     if p.min_tokens < 0:
-        raise ValueError(
-            f"min_tokens must be non-negative (range [0, max_tokens]), got {p.min_tokens}"
+        raise ParameterError(
+            f"min_tokens must be non-negative (range [0, max_tokens]), got {p.min_tokens}",
+            "min_tokens",
         )
     if p.max_tokens is not None and p.min_tokens > p.max_tokens:
-        raise ValueError(
-            f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}"
+        raise ParameterError(
+            f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}",
+            "min_tokens",
         )
 
 
@@ -255,42 +281,55 @@ def _check_logprobs(p: SamplingParams) -> None:
             continue
         _require_int(name, value)
         if value < -1:
-            raise ValueError(
-                f"{name} must be non-negative, or -1 for the whole vocabulary, got {value}"
+            raise ParameterError(
+                f"{name} must be non-negative, or -1 for the whole vocabulary, got {value}", name
             )
 
 
 def _check_stops(p: SamplingParams) -> None:
     if not all(isinstance(s, str) for s in p.stop_strings):
-        raise ValueError(f"stop must be a string or a list of strings, got {p.stop!r}")
+        raise ParameterError(f"stop must be a string or a list of strings, got {p.stop!r}", "stop")
     if any(not s for s in p.stop_strings):
-        raise ValueError("stop cannot contain an empty string")
+        raise ParameterError("stop cannot contain an empty string", "stop")
     if p.stop_strings and not p.detokenize:
-        raise ValueError("stop strings need detokenize=True")
+        raise ParameterError("stop strings need detokenize=True", "stop")
     assert p.stop_token_ids is not None
     for t in p.stop_token_ids:
         _require_int("stop_token_ids", t)
         if t < 0:
-            raise ValueError(f"stop_token_ids must be non-negative token ids, got {t}")
+            raise ParameterError(
+                f"stop_token_ids must be non-negative token ids, got {t}", "stop_token_ids"
+            )
 
 
 def _check_token_controls(p: SamplingParams) -> None:
     assert p.bad_words is not None
     if not all(isinstance(w, str) and w for w in p.bad_words):
-        raise ValueError(f"bad_words must be non-empty strings, got {p.bad_words!r}")
+        raise ParameterError(
+            f"bad_words must be non-empty strings, got {p.bad_words!r}", "bad_words"
+        )
     for token_id, bias in (p.logit_bias or {}).items():
         if token_id < 0:
-            raise ValueError(f"logit_bias token ids must be non-negative, got {token_id}")
+            raise ParameterError(
+                f"logit_bias token ids must be non-negative, got {token_id}", "logit_bias"
+            )
         _require_finite("logit_bias", bias)
         if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-            raise ValueError(
+            raise ParameterError(
                 f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
-                f"got {bias} for token {token_id}"
+                f"got {bias} for token {token_id}",
+                "logit_bias",
             )
     if p.allowed_token_ids is not None:
         if not p.allowed_token_ids:
-            raise ValueError("allowed_token_ids must not be empty (give None for no restriction)")
+            raise ParameterError(
+                "allowed_token_ids must not be empty (give None for no restriction)",
+                "allowed_token_ids",
+            )
         for t in p.allowed_token_ids:
             _require_int("allowed_token_ids", t)
             if t < 0:
-                raise ValueError(f"allowed_token_ids must be non-negative token ids, got {t}")
+                raise ParameterError(
+                    f"allowed_token_ids must be non-negative token ids, got {t}",
+                    "allowed_token_ids",
+                )

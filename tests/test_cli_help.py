@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
+from collections.abc import Generator
 
 import pytest
 
-from hwlm.cli.chat import chat_loop
+from hwlm.cli.chat import INTERRUPTED, chat_loop
 from hwlm.cli.chat_backends import ChatSettings, LocalChat
 from hwlm.cli.main import build_parser, main
 
@@ -87,6 +89,101 @@ def test_chat_reads_piped_stdin_and_keeps_the_conversation() -> None:
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "third"},
     ]
+
+
+def _stdin_then_ctrl_c(lines: str, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Piped ``lines``, then Ctrl-C at the prompt."""
+    stdin = io.StringIO(lines)
+    read = stdin.readline
+
+    def readline(size: int = -1) -> str:
+        line = read(size)
+        if not line:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr(stdin, "readline", readline)
+    return stdin
+
+
+class _Interrupted:
+    """A reply of three pieces; with ``cut``, Ctrl-C cuts the first reply after its first piece
+    (raised inside the stream, as when the engine is mid-step). Counts the streams closed."""
+
+    def __init__(self, cut: bool = True) -> None:
+        self.cut = cut
+        self.seen: list[list[dict[str, str]]] = []
+        self.closed = 0
+
+    def stream_reply(self, messages: list[dict[str, str]]) -> Generator[str, None, None]:
+        self.seen.append(list(messages))
+        try:
+            yield "one "
+            if self.cut and len(self.seen) == 1:
+                raise KeyboardInterrupt
+            yield "two "
+            yield "three"
+        finally:
+            self.closed += 1
+
+
+def test_chat_ctrl_c_stops_the_reply_and_returns_to_the_prompt() -> None:
+    backend, out = _Interrupted(), io.StringIO()
+    code = chat_loop(backend, io.StringIO("first\nsecond\n"), out, None)
+    assert code == 0
+    assert out.getvalue() == "one \none two three\n"
+    assert backend.closed == 2
+    assert backend.seen[1][:2] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "one "},  # the part shown stays in the conversation
+    ]
+
+
+def test_chat_ctrl_c_while_writing_closes_the_stream() -> None:
+    class Terminal(io.StringIO):
+        def write(self, text: str) -> int:
+            if text == "two ":
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    backend, out = _Interrupted(cut=False), Terminal()
+    assert chat_loop(backend, io.StringIO("hi\n"), out, None) == 0
+    assert out.getvalue() == "one \n"
+    assert backend.closed == 1
+
+
+def test_chat_ctrl_c_at_the_prompt_ends_the_session_with_130(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, out = _Interrupted(), io.StringIO()
+    stdin = _stdin_then_ctrl_c("/clear\n", monkeypatch)
+    assert chat_loop(backend, stdin, out, None) == INTERRUPTED == 130
+    assert out.getvalue() == "\n"
+
+
+def test_local_chat_ctrl_c_mid_reply_ends_the_request(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hwlm import LLM, SamplingParams
+    from hwlm.outputs import RequestOutput
+
+    llm = LLM("hwlm-tiny", device=device, max_model_len=128, num_kv_blocks=32)
+    messages = [{"role": "user", "content": "Hello!"}]
+    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    free = llm.engine.block_manager.num_free_blocks
+    real_step, calls = llm.engine.step, itertools.count()
+
+    def step() -> list[RequestOutput]:
+        if next(calls) == 1:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    chat, out = LocalChat(llm.engine, ChatSettings(max_tokens=6, temperature=0.0)), io.StringIO()
+    assert chat_loop(chat, io.StringIO("Hello!\n/clear\nHello!\n"), out, None) == 0
+    assert out.getvalue().endswith("\n" + expected[0].outputs[0].text + "\n")
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == free
 
 
 def test_local_chat_streams_the_greedy_reply(device: str) -> None:

@@ -177,17 +177,17 @@ def test_gpu_memory_utilization_alias(device: str) -> None:
 
 
 def test_token_budget_defaults_follow_vllm(llm: LLM) -> None:
-    """Offline batches on a GPU get 16384 tokens a step; a server, and the CPU, 8192."""
-    from types import SimpleNamespace
+    """Offline batches on a GPU get 16384 tokens a step; a server, and the CPU, 8192 (each
+    backend's ``default_max_num_batched_tokens``)."""
+    import importlib.util
 
-    import torch
+    if llm.engine.backend.name == "cpu":
+        assert llm.engine.backend.default_max_num_batched_tokens(offline=True) == 8192
+    if importlib.util.find_spec("triton") is not None:
+        from hwlm.backends.cuda import CUDABackend
 
-    from hwlm.engine.llm_engine import EngineArgs, _default_token_budget
-
-    gpu = SimpleNamespace(device=torch.device("cuda", 0))
-    cpu = SimpleNamespace(device=torch.device("cpu"))
-    assert _default_token_budget(EngineArgs("m", offline=True), gpu) == 16384  # type: ignore[arg-type]
-    assert _default_token_budget(EngineArgs("m"), gpu) == 8192  # type: ignore[arg-type]
-    assert _default_token_budget(EngineArgs("m", offline=True), cpu) == 8192  # type: ignore[arg-type]
-    expected = 8192 if llm.engine.backend.device.type == "cpu" else 16384
+        gpu = CUDABackend()  # starts no CUDA runtime
+        assert gpu.default_max_num_batched_tokens(offline=True) == 16384
+        assert gpu.default_max_num_batched_tokens(offline=False) == 8192
+    expected = llm.engine.backend.default_max_num_batched_tokens(offline=True)
     assert llm.engine.config.max_num_batched_tokens == expected

@@ -80,6 +80,11 @@ def load_hwlm(folder: Path | str, load_format: str = "auto") -> CausalLM:
     return load_model(resolved, config, BACKEND, torch.float32, load_format)
 
 
+def _decoder(model: CausalLM) -> Any:
+    """``model.model``, untyped: mypy types nn.Module attributes as ``Tensor | Module``."""
+    return model.model
+
+
 def run_hwlm(model: CausalLM, prompts: list[list[int]], first_chunk: int = 3) -> list[torch.Tensor]:
     """Logits of every prompt token, computed in two batched steps over a paged cache."""
     config = model.config
@@ -191,7 +196,7 @@ def test_tied_embeddings_share_storage(tmp_path: Path) -> None:
         folder = tmp_path / str(tied)
         make_hf_model("Qwen2", folder, **dict(_DECODER, tie_word_embeddings=tied))
         model = load_hwlm(folder)
-        shared = model.lm_head.weight is model.model.embed_tokens.weight
+        shared = model.lm_head.weight is _decoder(model).embed_tokens.weight
         assert shared == tied
         has_head = "lm_head.weight" in load_file(folder / "model.safetensors")
         assert has_head == (not tied)
@@ -200,7 +205,7 @@ def test_tied_embeddings_share_storage(tmp_path: Path) -> None:
 def test_sharded_checkpoint(tmp_path: Path) -> None:
     config = transformers.LlamaConfig(**_DECODER)
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model = transformers.LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
     hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
@@ -296,6 +301,27 @@ def test_hub_failure_is_one_line_value_error(
     assert "\n" not in str(info.value)
 
 
+def test_mistyped_preset_names_the_closest_and_lists_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model 'hwlm-tiyn'") as info:
+        resolve_model("hwlm-tiyn", "auto")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "did you mean 'hwlm-tiny'?" in message
+    assert all(name in message for name in presets.list_presets())
+
+
+def test_preset_hint() -> None:
+    assert presets.preset_hint("Meta-Llama-3-8").startswith("did you mean 'llama-3-8b'? presets: ")
+    assert presets.preset_hint("qwen3").startswith("did you mean 'qwen3-0.6b'? ")
+    assert presets.preset_hint("xyzzy") == "presets: " + ", ".join(presets.list_presets())
+
+
 # --- presets -----------------------------------------------------------------------------------
 
 EXPECTED_PRESETS = {
@@ -363,11 +389,11 @@ def test_tiny_model_builds_with_dummy_weights() -> None:
     model = load_model(resolved, config, BACKEND, torch.float32, "auto", seed=3)
     again = load_model(resolved, config, BACKEND, torch.float32, "dummy", seed=3)
     other = load_model(resolved, config, BACKEND, torch.float32, "dummy", seed=4)
-    w = model.model.layers[0].self_attn.qkv_proj.weight
-    assert torch.equal(w, again.model.layers[0].self_attn.qkv_proj.weight)
-    assert not torch.equal(w, other.model.layers[0].self_attn.qkv_proj.weight)
+    w = _decoder(model).layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(w, _decoder(again).layers[0].self_attn.qkv_proj.weight)
+    assert not torch.equal(w, _decoder(other).layers[0].self_attn.qkv_proj.weight)
     assert abs(w.std().item() - 0.02) < 0.002
-    assert torch.all(model.model.norm.weight == 1)
+    assert torch.all(_decoder(model).norm.weight == 1)
     logits = run_hwlm(model, [[0, 5, 9, 300, 7], [1023, 2]])
     assert all(torch.isfinite(x).all() for x in logits)
 

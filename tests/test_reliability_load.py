@@ -162,7 +162,13 @@ def test_bench_serve_command(load_server: ServerProcess, tmp_path: Path) -> None
     argv += ["--abort-fraction", "0.25", "--output-len", "8", "--output-json", str(out)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    for key in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "output_throughput"):
+    for key in (
+        "median_ttft_ms",
+        "p99_ttft_ms",
+        "median_itl_ms",
+        "p99_itl_ms",
+        "output_throughput",
+    ):
         assert key in done.stdout
     summary = json.loads(out.read_text())
     assert summary["failed"] == 0 and 4 <= summary["aborted"] <= 6

@@ -103,7 +103,29 @@ def test_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> No
             return [good.status_code, bad.status_code]
 
     assert asyncio.run(main()) == [200, 401]
-    assert len(calls) == 2 and all(b == f"Bearer {KEY}".encode() for _, b in calls)
+    assert len(calls) == 2 and all(b == KEY.encode() for _, b in calls)
+
+
+def _in_process_statuses(headers: list[dict[str, str]]) -> list[int]:
+    """/v1/models' status for each set of headers, on an app with KEY (no engine needed)."""
+    from hwlm.server.api import build_app
+
+    engine: Any = types.SimpleNamespace(max_model_len=16)
+    app = build_app(engine, "m", KEY)
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.get("/v1/models", headers=h)).status_code for h in headers]
+
+    return asyncio.run(main())
+
+
+def test_bearer_scheme_is_case_insensitive() -> None:
+    good = [f"Bearer {KEY}", f"bearer {KEY}", f"BEARER {KEY}", f"bEaReR {KEY}", f"Bearer  {KEY}"]
+    bad = [f"bearer{KEY}", f"Bearers {KEY}", f"bearer {KEY.upper()}", "bearer ", f"Token {KEY}"]
+    statuses = _in_process_statuses([{"Authorization": h} for h in good + bad])
+    assert statuses == [200] * len(good) + [401] * len(bad)
 
 
 def test_key_never_logged(server: ServerProcess) -> None:

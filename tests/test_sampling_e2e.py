@@ -103,6 +103,16 @@ def test_min_tokens_masks_eos(llm: LLM) -> None:
     assert out.finish_reason == "stop"
 
 
+def test_min_tokens_masks_eos_with_ignore_eos(llm: LLM) -> None:
+    params = SamplingParams(
+        temperature=0, max_tokens=7, min_tokens=4, ignore_eos=True, logit_bias={EOS: 100.0}
+    )
+    out = _generate(llm, PROMPT, params).outputs[0]
+    assert EOS not in out.token_ids[:4]
+    assert out.token_ids[4:] == [EOS] * 3  # allowed from then on, and it does not stop
+    assert out.finish_reason == "length"
+
+
 def _greedy_text(llm: LLM, n: int = 24) -> tuple[str, list[int]]:
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, skip_special_tokens=True)
     out = _generate(llm, PROMPT, params).outputs[0]

@@ -4,13 +4,16 @@ allowed range; vLLM's normalisations; the generation_config.json defaults reader
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hwlm.sampling.generation_config import load_sampling_defaults
-from hwlm.sampling_params import SamplingParams
+from hwlm.sampling.request_checks import check_params
+from hwlm.sampling_params import ParameterError, SamplingParams
 
 # (field, bad value, the range the message must state)
 OUT_OF_RANGE = [
@@ -53,24 +56,50 @@ def test_out_of_range_names_parameter_and_range(field: str, value: object, range
     kwargs: dict[str, object] = {field: value}
     if field == "best_of":
         kwargs["n"] = 2
-    with pytest.raises(ValueError, match=re.escape(field)) as info:
+    with pytest.raises(ParameterError, match=re.escape(field)) as info:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert range_text in str(info.value)
+    assert info.value.param == field
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
+    ("kwargs", "name", "param"),
     [
-        (dict(temperature=0.0, n=2), "n must be 1 when using greedy"),
-        (dict(temperature=0.0, best_of=3), "best_of must be 1 when using greedy"),
-        (dict(stop="x", detokenize=False), "detokenize"),
-        (dict(top_k=2.5), "top_k must be an integer"),
-        (dict(logit_bias={"a": 1.0}), "logit_bias must map integer token ids"),
+        (dict(temperature=0.0, n=2), "n must be 1 when using greedy", "n"),
+        (dict(temperature=0.0, best_of=3), "best_of must be 1 when using greedy", "best_of"),
+        (dict(stop="x", detokenize=False), "detokenize", "stop"),
+        (dict(top_k=2.5), "top_k must be an integer", "top_k"),
+        (dict(logit_bias={"a": 1.0}), "logit_bias must map integer token ids", "logit_bias"),
     ],
 )
-def test_other_invalid_combinations(kwargs: dict, name: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(name)):
+def test_other_invalid_combinations(kwargs: dict[str, Any], name: str, param: str) -> None:
+    with pytest.raises(ParameterError, match=re.escape(name)) as info:
         SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+def test_parameter_error_survives_pickling() -> None:
+    with pytest.raises(ParameterError) as info:
+        SamplingParams(top_p=2.0)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(copy, ParameterError) and copy.param == "top_p"
+    assert str(copy) == str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "stream", "param"),
+    [
+        (dict(stop_token_ids=[50]), False, "stop_token_ids"),
+        (dict(allowed_token_ids=[1, 64]), False, "allowed_token_ids"),
+        (dict(logit_bias={99: 1.0}), False, "logit_bias"),
+        (dict(prompt_logprobs=6), False, "prompt_logprobs"),
+        (dict(best_of=2, n=1, temperature=1.0), True, "best_of"),
+    ],
+)
+def test_model_checks_name_the_parameter(kwargs: dict[str, Any], stream: bool, param: str) -> None:
+    with pytest.raises(ParameterError, match=re.escape(param)) as info:
+        check_params(SamplingParams(**kwargs), vocab_size=50, max_logprobs=5, stream=stream)
+    assert info.value.param == param
 
 
 def test_in_range_edges_are_accepted() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hwlm.sampling.sampler import Sampler, process_logits, sampling_probs
+from hwlm.sampling.stop_checker import check_stop
 from hwlm.sampling_params import SamplingParams
 from tests import sampling_reference as ref
 from tests.sampling_helpers import EOS, fixed_logits, make_seq
@@ -54,13 +55,34 @@ def test_bad_word_prefix_is_not_matched_in_the_prompt() -> None:
     _check_processed([seq], logits, [ref.bad_words(logits[0].numpy(), words, [])])
 
 
+@pytest.mark.parametrize("ignore_eos", [False, True])
 @pytest.mark.parametrize("num_output", [0, 2, 3, 5])
-def test_min_tokens_masks_eos_and_stop_ids(num_output: int) -> None:
+def test_min_tokens_masks_eos_and_stop_ids(num_output: int, ignore_eos: bool) -> None:
     logits = fixed_logits(1, VOCAB, seed=3)
-    params = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[9, 10])
+    params = SamplingParams(
+        temperature=0, min_tokens=3, stop_token_ids=[9, 10], ignore_eos=ignore_eos
+    )
     seq = make_seq(params, output=[5] * num_output)
     expected = ref.min_tokens(logits[0].numpy(), [EOS, 9, 10], num_output, 3)
     _check_processed([seq], logits, [expected])
+
+
+def test_ignore_eos_min_tokens_holds_eos_back_then_lets_it_through() -> None:
+    """EOS is the argmax: with ignore_eos and min_tokens=k, no EOS among the first k tokens,
+    EOS from then on, and it never stops the sequence (only max_tokens does)."""
+    logits = fixed_logits(1, VOCAB, seed=5)
+    logits[0, EOS] = logits.max() + 10.0
+    k, n = 3, 6
+    seq = make_seq(SamplingParams(temperature=0, min_tokens=k, max_tokens=n, ignore_eos=True))
+    stopped = []
+    for _ in range(n):
+        token = Sampler()(logits.float(), [seq]).token_ids[0]
+        seq.token_ids.append(token)
+        stopped.append(check_stop(seq, token, "", max_model_len=1000))
+    tokens = seq.token_ids[seq.num_prompt_tokens :]
+    assert EOS not in tokens[:k]
+    assert tokens[k:] == [EOS] * (n - k)
+    assert stopped == [False] * (n - 1) + [True] and seq.finish_reason == "length"
 
 
 def test_logit_bias() -> None:

@@ -39,6 +39,8 @@ from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError  # noqa: E4
 from tests.server_helpers import (  # noqa: E402
     ROOT,
     free_port,
+    metric,
+    parse_metrics,
     server_process,
     sse_events,
     wait_idle,
@@ -65,6 +67,7 @@ class FakeEngine:
     def __init__(self, fail_at_step: int | None = None, tokens: int = 3) -> None:
         self.tokenizer = FakeTokenizer()
         self.config = type("Config", (), {"max_model_len": 64})()
+        self.max_logprobs = 20
         self.fail_at_step = fail_at_step
         self.tokens = tokens
         self.requests: dict[str, tuple[list[int], bool]] = {}
@@ -217,9 +220,9 @@ def test_dead_engine_gives_503() -> None:
             assert (await client.get("/health")).status_code == 503
             metrics = await client.get("/metrics")  # still answers: counters, zero gauges
             assert metrics.status_code == 200
-            assert 'request_success_total{model_name="fake",finished_reason="abort"} 1.0' in (
-                metrics.text
-            )
+            samples = parse_metrics(metrics.text)
+            assert metric(samples, "hwlm:request_success_total", finished_reason="abort") == 1
+            assert metric(samples, "hwlm:num_requests_running", model_name="fake") == 0
 
     try:
         _run(main())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, EngineStats
 from hwlm.server.metrics import Histogram, ServingMetrics
-from hwlm.server.prometheus import render_metrics
+from hwlm.server.prometheus import metrics_registry, render_metrics
 from tests.server_helpers import metric, parse_metrics
 from tests.test_server import FakeEngine
 
@@ -46,7 +48,8 @@ def test_render_is_valid_prometheus_text() -> None:
     m.on_tokens("a", 2, 4, 0.002)
     m.on_finished("a", "stop", 0.5)
     stats = EngineStats(2, 1, 6, 8, 3, 0.25, 40, 16, 1)
-    text = render_metrics(stats, m.snapshot(), 'my "model"')
+    registry = metrics_registry('my "model"', lambda: stats, m.snapshot)
+    text = render_metrics(registry).decode()
     samples = parse_metrics(text)
     model = {"model_name": 'my \\"model\\"'}
     assert metric(samples, "hwlm:num_requests_running", **model) == 2
@@ -66,6 +69,52 @@ def test_render_is_valid_prometheus_text() -> None:
     assert metric(samples, "hwlm:inter_token_latency_seconds_count") == 0
     assert "# TYPE hwlm:time_to_first_token_seconds histogram" in text
     assert "# TYPE hwlm:prompt_tokens_total counter" in text
+    assert "# HELP hwlm:prompt_tokens_total Prefill tokens processed." in text
+
+
+def test_scrape_reads_the_stats_of_that_moment() -> None:
+    m = ServingMetrics()
+    stats = [EngineStats(1, 0, 8, 8, 1)]
+    registry = metrics_registry("m", lambda: stats[0], m.snapshot)
+    assert (
+        metric(parse_metrics(render_metrics(registry).decode()), "hwlm:num_requests_running") == 1
+    )
+    stats[0] = EngineStats(3, 2, 8, 8, 5, num_preemptions=4)
+    m.on_added("a", 0.0)
+    m.on_aborted("a")
+    samples = parse_metrics(render_metrics(registry).decode())
+    assert metric(samples, "hwlm:num_requests_running") == 3
+    assert metric(samples, "hwlm:num_requests_waiting") == 2
+    assert metric(samples, "hwlm:num_preemptions_total") == 4
+    assert metric(samples, "hwlm:request_success_total", finished_reason="abort") == 1
+
+
+def test_two_registries_in_one_process_do_not_clash() -> None:
+    stats = EngineStats(1, 0, 8, 8, 1)
+    a = metrics_registry("a", lambda: stats, ServingMetrics().snapshot)
+    b = metrics_registry("b", lambda: EngineStats(2, 0, 8, 8, 2), ServingMetrics().snapshot)
+    assert metric(parse_metrics(render_metrics(a).decode()), "hwlm:num_requests_running") == 1
+    assert metric(parse_metrics(render_metrics(b).decode()), "hwlm:num_requests_running") == 2
+
+
+def test_stats_snapshot_is_published_and_zeroed_when_stopped() -> None:
+    fake = FakeEngine()
+    fake.scheduler.running = [SimpleNamespace(request_id="r"), SimpleNamespace(request_id="r")]
+    fake.scheduler.num_preemptions = 5
+    fake.block_manager.num_free_blocks = 1
+    engine = AsyncLLMEngine(fake)  # publishes its stats when its thread first goes idle
+    try:
+        deadline = time.monotonic() + 10
+        while engine.stats_snapshot().num_blocks == 0:
+            assert time.monotonic() < deadline, "no stats published"
+            time.sleep(0.01)
+        stats = engine.stats_snapshot()
+        assert (stats.num_running, stats.kv_cache_usage, stats.num_preemptions) == (1, 0.75, 5)
+    finally:
+        engine.shutdown()
+    stats = engine.stats_snapshot()  # stopped: nothing runs, the counters stay
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+    assert stats.num_free_blocks == stats.num_blocks == 4 and stats.num_preemptions == 5
 
 
 def test_async_engine_records_non_streamed_requests() -> None:

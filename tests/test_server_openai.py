@@ -419,6 +419,38 @@ def test_errors_then_success(
     assert ok.choices and ok.usage.completion_tokens >= 1
 
 
+OUTSIDE_VOCAB = 10**6
+# (request, the field its 400 must name): checked by SamplingParams, or by the engine (vocabulary)
+PARAM_ERRORS = [
+    ({"prompt": "hi", "logit_bias": {str(OUTSIDE_VOCAB): 1}}, "logit_bias"),
+    ({"messages": MESSAGES, "logit_bias": {str(OUTSIDE_VOCAB): 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 500}}, "logit_bias"),
+    ({"prompt": "hi", "stop_token_ids": [OUTSIDE_VOCAB]}, "stop_token_ids"),
+    ({"messages": MESSAGES, "stop_token_ids": [OUTSIDE_VOCAB]}, "stop_token_ids"),
+    ({"prompt": "hi", "best_of": 2, "temperature": 1, "stream": True}, "best_of"),
+    ({"prompt": "hi", "best_of": 2, "n": 3, "temperature": 1}, "best_of"),
+    ({"prompt": "hi", "allowed_token_ids": [1, OUTSIDE_VOCAB]}, "allowed_token_ids"),
+    ({"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"messages": MESSAGES, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "bad_words": [""]}, "bad_words"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    PARAM_ERRORS,
+    ids=[f"{p}-{'chat' if 'messages' in b else 'cmpl'}" for b, p in PARAM_ERRORS],
+)
+def test_errors_name_the_field_at_fault(server: str, body: dict[str, Any], param: str) -> None:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = httpx.post(f"{server}{path}", json={"model": MODEL, **body}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert param in error["message"], error
+
+
 # Tokenize, curl, hwlm chat --------------------------------------------------------------------
 
 

@@ -1,1 +1,2 @@
-"""Benchmark helpers: prompt generation and the Hugging Face transformers baselines."""
+"""Benchmarks: offline throughput (``throughput``) with the transformers baselines
+(``hf_baselines``), and the serving load generator (``serve``) with its stand-in server."""

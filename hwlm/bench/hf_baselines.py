@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 _PAD_ID = 0  # left padding for hf_generate; masked out, so any id works
 _WARMUP_PROMPTS = 2
 _WARMUP_TOKENS = 4
+# transformers' continuous batching logs through its own handler, about a dozen lines per call.
+_CB_LOGGER = "ContinuousBatchingLogger"
 
 
 @dataclass
@@ -65,12 +69,44 @@ def build_hf_model(config_dict: dict[str, Any], folder: str, seed: int = 0) -> P
     config) so hwlm can load the same weights, and return it in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**config_dict)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(folder)  # transformers 5 always writes safetensors
+    with quiet_transformers():
+        config = AutoConfig.for_model(**config_dict)
+        torch.manual_seed(seed)
+        built = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        model: PreTrainedModel = built.eval()
+        model.save_pretrained(folder)  # transformers 5 always writes safetensors
     _declare_dtype(Path(folder) / "config.json", config_dict.get("torch_dtype"))
     return model
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep the benchmark's output readable while transformers runs: its logs below ERROR, its
+    continuous-batching log, its progress bars and Python warnings are silenced, and restored on
+    exit. That log includes an ERROR on hosts without psutil, about a memory breakdown that the
+    explicit cache size of ``_generate_continuous`` makes unnecessary; failed requests still
+    raise. Under debug logging (``--log-level debug``) nothing is silenced."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    from transformers.utils import logging as hf_logging_module
+
+    hf_logging: Any = hf_logging_module  # its setters are unannotated
+    cb_logger = logging.getLogger(_CB_LOGGER)
+    cb_level, verbosity = cb_logger.level, hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    cb_logger.setLevel(logging.CRITICAL + 1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        cb_logger.setLevel(cb_level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _declare_dtype(config_path: Path, dtype: str | None) -> None:
@@ -91,7 +127,7 @@ def _greedy_config(output_len: int, **overrides: Any) -> GenerationConfig:
     """
     from transformers import GenerationConfig
 
-    return GenerationConfig(
+    return GenerationConfig(  # type: ignore[no-untyped-call]
         do_sample=False,
         max_new_tokens=output_len,
         eos_token_id=[],
@@ -114,7 +150,8 @@ def _generate_padded(
         out = model.generate(  # type: ignore[operator]  # mypy sees nn.Module.__getattr__
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config
         )
-    return out[:, width:].tolist()
+    generated: list[list[int]] = out[:, width:].tolist()
+    return generated
 
 
 def _generate_in_batches(batch_size: int | None) -> Callable[..., list[list[int]]]:
@@ -152,10 +189,12 @@ def _generate_continuous(
     )
     # generate_batch logs failures instead of raising, and returns results in input order.
     outputs = list(results.values())
-    failed = [o.request_id for o in outputs if o.error is not None]
+    failed = [o for o in outputs if o.error is not None]
     if len(outputs) != len(prompts) or failed:
+        first = f"; first error: {failed[0].error}" if failed else ""
         raise RuntimeError(
-            f"generate_batch returned {len(outputs)}/{len(prompts)} results, failed: {failed}"
+            f"generate_batch returned {len(outputs)}/{len(prompts)} results, "
+            f"failed: {[o.request_id for o in failed]}{first}"
         )
     return [list(o.generated_tokens) for o in outputs]
 
@@ -168,10 +207,11 @@ def _timed_run(
     output_len: int,
 ) -> BaselineResult:
     """Untimed warm-up on a couple of short requests, then one timed run of all prompts."""
-    generate(model, prompts[:_WARMUP_PROMPTS], min(_WARMUP_TOKENS, output_len))
-    start = time.perf_counter()
-    outputs = generate(model, prompts, output_len)
-    seconds = time.perf_counter() - start
+    with quiet_transformers():
+        generate(model, prompts[:_WARMUP_PROMPTS], min(_WARMUP_TOKENS, output_len))
+        start = time.perf_counter()
+        outputs = generate(model, prompts, output_len)
+        seconds = time.perf_counter() - start
     bad = [i for i, out in enumerate(outputs) if len(out) != output_len]
     if len(outputs) != len(prompts) or bad:
         raise RuntimeError(f"{name}: expected {output_len} tokens per prompt; wrong at {bad}")

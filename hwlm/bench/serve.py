@@ -1,276 +1,182 @@
-"""``hwlm bench serve``: a load generator against a running OpenAI-compatible server (like
-``vllm bench serve``). It streams completions for random prompts from a seeded generator, at a
-Poisson request rate and/or a concurrency limit, can abort a fraction of the requests mid-stream,
-and reports time to first token and inter-token latency (p50/p99) and output tokens per second.
+"""``hwlm bench serve``: load a running OpenAI-compatible server the way ``vllm bench serve`` does.
 
-The machinery (``run_benchmark``) returns every request's result, so tests use it to check
-correctness under load, not just speed.
+Streams completions (or chat completions) of random words or of token-id prompts of exact
+lengths (vLLM's ``--dataset-name random``), at a request rate with gamma-distributed gaps and/or
+under a concurrency limit, optionally abandoning a share mid-stream. The streams are read with
+aiohttp over ``--client-processes`` processes; ``--measure-ceiling`` first runs the same workload
+against a stand-in server (``hwlm.bench.standin``) to show what the load generator itself can
+read. Figures carry vLLM's names and definitions (``hwlm.bench.metrics``); ``--save-result``
+writes them as vLLM does.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
-import logging
 import math
 import os
-import random
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her an be this are have not but "
-    "had were which their one all there been has when who will more no if out so said what up its "
-    "about into than them can only other new some could time these two may then do first any my "
-    "now such like our over man me even most made after also did many before must through back "
-    "years where much your way well down should because each just those people how too little "
-    "state good very make world still own see men work long get here between both life being under"
-).split()
+from hwlm.bench.aio import run_async
+from hwlm.bench.client import ENDPOINTS, RequestResult
+from hwlm.bench.client_pool import ClientPool
+from hwlm.bench.datasets import random_prompts
+from hwlm.bench.load import (
+    DATASETS,
+    BenchConfig,
+    BenchResult,
+    abort_plan,
+    build_requests,
+    resolve_model,
+    run_benchmark,
+)
+from hwlm.bench.metrics import DEFAULT_METRICS, METRICS, percentile_ms
+from hwlm.bench.standin import StandinServer
 
-
-@dataclass
-class BenchConfig:
-    base_url: str
-    model: str | None = None  # None: the first model of GET /v1/models
-    num_prompts: int = 100
-    input_len: int = 32  # words per random prompt
-    output_len: int = 16  # max_tokens
-    request_rate: float = math.inf  # requests per second (Poisson arrivals); inf: all at once
-    max_concurrency: int | None = None
-    abort_fraction: float = 0.0  # this share of requests is abandoned mid-stream
-    seed: int = 0
-    temperature: float = 0.0
-    ignore_eos: bool = True
-    api_key: str | None = None
-    timeout_s: float = 600.0
-
-
-@dataclass
-class RequestResult:
-    index: int
-    prompt: str
-    text: str = ""
-    output_tokens: int = 0
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)  # gaps between content chunks
-    latency_s: float = 0.0
-    aborted: bool = False  # abandoned by design (abort_fraction)
-    error: str | None = None
-    status: int | None = None
-    finish_reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.aborted and self.error is None
-
-
-@dataclass
-class BenchResult:
-    config: BenchConfig
-    results: list[RequestResult]
-    duration_s: float
-
-    def summary(self) -> dict[str, Any]:
-        done = [r for r in self.results if r.ok]
-        ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
-        itls = [gap for r in done for gap in r.itl_s]
-        tokens = sum(r.output_tokens for r in done)
-        return {
-            "completed": len(done),
-            "aborted": sum(r.aborted for r in self.results),
-            "failed": sum(r.error is not None for r in self.results),
-            "duration_s": self.duration_s,
-            "request_throughput": len(done) / self.duration_s if self.duration_s else 0.0,
-            "output_throughput": tokens / self.duration_s if self.duration_s else 0.0,
-            "total_output_tokens": tokens,
-            "ttft_ms_p50": _percentile_ms(ttfts, 50),
-            "ttft_ms_p99": _percentile_ms(ttfts, 99),
-            "itl_ms_p50": _percentile_ms(itls, 50),
-            "itl_ms_p99": _percentile_ms(itls, 99),
-        }
-
-
-def _percentile_ms(values: list[float], q: float) -> float | None:
-    """The q-th percentile (linear interpolation), in milliseconds; None without data."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    value = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-    return value * 1000
-
-
-def random_prompts(num: int, input_len: int, seed: int) -> list[str]:
-    """``num`` prompts of ``input_len`` words each, the same for the same seed."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=input_len)) for _ in range(num)]
-
-
-def abort_plan(config: BenchConfig) -> dict[int, int]:
-    """Which requests to abandon, and after how many content chunks: at least one, so that the
-    abort happens mid-stream, and early in the stream, since a busy server may send several
-    tokens in one chunk (a request whose stream ends first completes instead)."""
-    rng = random.Random(config.seed + 1)
-    count = round(config.num_prompts * config.abort_fraction)
-    chosen = rng.sample(range(config.num_prompts), count)
-    return {i: rng.randint(1, max(1, config.output_len // 4)) for i in chosen}
-
-
-async def run_benchmark(config: BenchConfig) -> BenchResult:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(
-        base_url=config.base_url, headers=headers, timeout=config.timeout_s, limits=limits
-    ) as client:
-        model = config.model or await _first_model(client)
-        prompts = random_prompts(config.num_prompts, config.input_len, config.seed)
-        aborts = abort_plan(config)
-        gate = asyncio.Semaphore(config.max_concurrency or config.num_prompts or 1)
-        arrivals = random.Random(config.seed + 2)
-        start = time.perf_counter()
-        tasks: list[asyncio.Task[RequestResult]] = []
-        for i, prompt in enumerate(prompts):
-            if tasks and math.isfinite(config.request_rate):
-                await asyncio.sleep(arrivals.expovariate(config.request_rate))
-            request = _Request(client, config, model, i, prompt, aborts.get(i))
-            tasks.append(asyncio.create_task(request.run(gate)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return BenchResult(config, list(results), duration)
-
-
-async def _first_model(client: Any) -> str:
-    response = await client.get("/v1/models")
-    response.raise_for_status()
-    return str(response.json()["data"][0]["id"])
-
-
-class _Request:
-    """One streamed completion, timed chunk by chunk."""
-
-    def __init__(
-        self,
-        client: Any,
-        config: BenchConfig,
-        model: str,
-        index: int,
-        prompt: str,
-        abort_after: int | None,
-    ) -> None:
-        self.client = client
-        self.body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": config.output_len,
-            "temperature": config.temperature,
-            "ignore_eos": config.ignore_eos,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        self.abort_after = abort_after
-        self.result = RequestResult(index=index, prompt=prompt)
-
-    async def run(self, gate: asyncio.Semaphore) -> RequestResult:
-        async with gate:
-            start = time.perf_counter()
-            try:
-                await self._stream(start)
-            except Exception as exc:  # a transport failure counts as a failed request
-                self.result.error = f"{type(exc).__name__}: {exc}"
-            self.result.latency_s = time.perf_counter() - start
-        return self.result
-
-    async def _stream(self, start: float) -> None:
-        result = self.result
-        async with self.client.stream("POST", "/v1/completions", json=self.body) as response:
-            result.status = response.status_code
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return
-            chunks, last = 0, start
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
-                if "error" in event:
-                    result.error = str(event["error"].get("message"))
-                    return
-                if event.get("usage"):
-                    result.output_tokens = event["usage"]["completion_tokens"]
-                for choice in event.get("choices", []):
-                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
-                    if not choice.get("text"):
-                        continue
-                    now = time.perf_counter()
-                    if result.ttft_s is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last, chunks = now, chunks + 1
-                    result.text += choice["text"]
-                if self.abort_after is not None and chunks >= self.abort_after:
-                    result.aborted = True  # leaving the block closes the connection
-                    result.output_tokens = chunks
-                    return
-
-
-# Command line -------------------------------------------------------------------------------------
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "RequestResult",
+    "abort_plan",
+    "random_prompts",
+    "run_benchmark",
+    "_percentile_ms",
+]
+_percentile_ms = percentile_ms
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base-url", default="http://localhost:8000", help="the server (default: %(default)s)"
+    server = parser.add_argument_group("server")
+    server.add_argument("--base-url", default=None, help="default: http://HOST:PORT")
+    server.add_argument("--host", default="localhost", help="(default: %(default)s)")
+    server.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    server.add_argument(
+        "--endpoint",
+        default=ENDPOINTS[0],
+        help=f"one of {', '.join(ENDPOINTS)} (default: %(default)s)",
     )
-    parser.add_argument("--model", default=None, help="default: the server's first model")
-    parser.add_argument(
-        "--num-prompts", type=int, default=100, help="requests to send (default: %(default)s)"
-    )
-    parser.add_argument("--input-len", type=int, default=32, help="words per random prompt")
-    parser.add_argument("--output-len", type=int, default=16, help="max_tokens per request")
-    parser.add_argument(
-        "--request-rate",
-        type=float,
-        default=math.inf,
-        help="requests per second, Poisson arrivals (default: inf, all at once)",
-    )
-    parser.add_argument(
-        "--max-concurrency", type=int, default=None, help="most requests in flight (default: all)"
-    )
-    parser.add_argument(
-        "--abort-fraction",
-        type=float,
-        default=0.0,
-        help="share of requests abandoned mid-stream (0..1)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="prompts and arrivals (default: 0)")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)"
-    )
-    parser.add_argument(
+    server.add_argument("--model", default=None, help="default: the server's first model")
+    server.add_argument(
         "--api-key",
         default=os.environ.get("HWLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
         help="Bearer key (default: $HWLM_API_KEY, else $OPENAI_API_KEY)",
     )
-    parser.add_argument("--output-json", default=None, help="write the summary here")
+    data = parser.add_argument_group("workload")
+    data.add_argument("--num-prompts", type=int, default=100, help="requests (default: 100)")
+    data.add_argument(
+        "--dataset-name",
+        default="words",
+        choices=DATASETS,
+        help="words: --input-len random words; random: token ids of exact lengths, as vLLM's "
+        "(default: words)",
+    )
+    data.add_argument("--input-len", type=int, default=32, help="words: words per prompt")
+    data.add_argument("--output-len", type=int, default=16, help="words: max_tokens per request")
+    data.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
+    data.add_argument(
+        "--random-output-len", type=int, default=128, help="random: max_tokens per request"
+    )
+    data.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="random: lengths uniform in [len (1 - r), len (1 + r)], 0 <= r < 1 (default: 0)",
+    )
+    data.add_argument(
+        "--random-input-range",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=None,
+        help="random: prompt lengths uniform in [MIN, MAX] instead (outputs keep their range)",
+    )
+    data.add_argument(
+        "--tokenizer",
+        default=None,
+        help="random: the vocabulary to draw from (and the text of chat prompts); default: the "
+        "model's",
+    )
+    data.add_argument("--seed", type=int, default=0, help="prompts and arrivals (default: 0)")
+    data.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    data.add_argument(
+        "--abort-fraction", type=float, default=0.0, help="share abandoned mid-stream (0..1)"
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second (default: inf, all at once)",
+    )
+    load.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the arrival gaps: 1 is Poisson, lower is burstier (default: 1)",
+    )
+    load.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: all)"
+    )
+    load.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes reading the streams; rate and concurrency hold for the whole run",
+    )
+    load.add_argument(
+        "--measure-ceiling",
+        action="store_true",
+        help="first run the same workload against a stand-in server: the generator's ceiling",
+    )
+    load.add_argument(
+        "--ceiling-server-processes",
+        type=int,
+        default=None,
+        help="stand-in server processes (default: the CPUs left by the client processes)",
+    )
+    out = parser.add_argument_group("results")
+    out.add_argument(
+        "--percentile-metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma-separated, of {','.join(METRICS)} (default: %(default)s)",
+    )
+    out.add_argument(
+        "--metric-percentiles", default="99", help="comma-separated (default: %(default)s)"
+    )
+    out.add_argument("--save-result", action="store_true", help="write vLLM's result JSON")
+    out.add_argument("--result-dir", default=None, help="folder for --save-result (default: .)")
+    out.add_argument(
+        "--result-filename", default=None, help="file name for the result JSON (implies save)"
+    )
+    out.add_argument("--output-json", default=None, help="write the summary here")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    if not 0.0 <= args.abort_fraction <= 1.0:
-        raise ValueError(f"--abort-fraction must be in [0, 1], got {args.abort_fraction}")
+    """The workload of the command line; ValueError naming the first bad value."""
+    _check_args(args)
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
     return BenchConfig(
-        base_url=args.base_url.rstrip("/"),
+        base_url=base_url.rstrip("/"),
         model=args.model,
         num_prompts=args.num_prompts,
+        dataset=args.dataset_name,
         input_len=args.input_len,
         output_len=args.output_len,
+        random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len,
+        random_range_ratio=args.random_range_ratio,
+        random_input_range=tuple(args.random_input_range) if args.random_input_range else None,
+        tokenizer=args.tokenizer,
+        endpoint=args.endpoint,
         request_rate=args.request_rate,
+        burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
+        client_processes=args.client_processes,
         abort_fraction=args.abort_fraction,
         seed=args.seed,
         temperature=args.temperature,
@@ -278,17 +184,152 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    positive = {
+        "--num-prompts": args.num_prompts,
+        "--input-len": args.input_len,
+        "--output-len": args.output_len,
+        "--random-input-len": args.random_input_len,
+        "--random-output-len": args.random_output_len,
+        "--client-processes": args.client_processes,
+    }
+    if args.max_concurrency is not None:
+        positive["--max-concurrency"] = args.max_concurrency
+    if args.ceiling_server_processes is not None:
+        positive["--ceiling-server-processes"] = args.ceiling_server_processes
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if not args.request_rate > 0:
+        raise ValueError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
+    if not 0 < args.burstiness < math.inf:
+        raise ValueError(f"--burstiness must be > 0, got {args.burstiness}")
+    if not 0.0 <= args.random_range_ratio < 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    if (
+        args.random_input_range
+        and not 1 <= args.random_input_range[0] <= args.random_input_range[1]
+    ):
+        raise ValueError(
+            f"--random-input-range needs 1 <= MIN <= MAX, got {args.random_input_range}"
+        )
+    if not 0.0 <= args.abort_fraction <= 1.0:
+        raise ValueError(f"--abort-fraction must be in [0, 1], got {args.abort_fraction}")
+    if args.endpoint not in ENDPOINTS:
+        raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {args.endpoint}")
+    _metric_names(args.percentile_metrics)
+    _percentiles(args.metric_percentiles)
+
+
+def _metric_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(
+            f"--percentile-metrics: unknown {unknown or text!r}; choose from {METRICS}"
+        )
+    return names
+
+
+def _percentiles(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < p <= 100 for p in values):
+        raise ValueError(f"--metric-percentiles must be numbers in (0, 100], got {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    result = asyncio.run(run_benchmark(config_from_args(args)))
-    summary = result.summary()
-    for key, value in summary.items():
-        shown = "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else value
-        print(f"{key:<24}{shown}")
+    config = config_from_args(args)
+    ceiling_procs = args.ceiling_server_processes or max(
+        1, (os.cpu_count() or 2) - config.client_processes
+    )
+    with contextlib.ExitStack() as stack:
+        # Fork the stand-in's and the client's processes first, before this one has threads.
+        standin = StandinServer(processes=ceiling_procs) if args.measure_ceiling else None
+        standin_url = stack.enter_context(standin) if standin else None
+        pool = None
+        if config.client_processes > 1:
+            pool = ClientPool(config.client_processes).start()
+            stack.callback(pool.close)
+        model = run_async(resolve_model(config))
+        config = replace(config, model=model)
+        requests = build_requests(config, model)
+        ceiling = None
+        if standin and standin_url:
+            standin_config = replace(config, base_url=standin_url, api_key=None)
+            ceiling = run_async(run_benchmark(standin_config, requests, pool))
+            standin.__exit__(None, None, None)  # its processes are not needed any more
+        result = run_async(run_benchmark(config, requests, pool))
+    return _report(args, result, ceiling)
+
+
+def _report(args: argparse.Namespace, result: BenchResult, ceiling: BenchResult | None) -> int:
+    metrics = result.metrics(
+        metrics=_metric_names(args.percentile_metrics),
+        percentiles=_percentiles(args.metric_percentiles),
+    )
+    if ceiling is not None:
+        limit = ceiling.metrics()
+        metrics["ceiling_output_throughput"] = limit["output_throughput"]
+        metrics["ceiling_request_throughput"] = limit["request_throughput"]
+        metrics["ceiling_failed"] = limit["failed"]
+    for key, value in metrics.items():
+        shown = f"{value:.2f}" if isinstance(value, float) else value
+        print(f"{key:<28}{shown}")
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(summary, f, indent=2)
+        summary = result.summary()
+        summary.update({k: v for k, v in metrics.items() if k.startswith("ceiling_")})
+        Path(args.output_json).write_text(json.dumps(summary, indent=2))
+    if args.save_result or args.result_filename:
+        path = _result_path(args, result)
+        path.write_text(json.dumps(vllm_result(args, result, metrics), indent=2))
+        print(f"result written to {path}")
     errors = [r.error for r in result.results if r.error]
     if errors:
         print(f"{len(errors)} request(s) failed, first: {errors[0]}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _result_path(args: argparse.Namespace, result: BenchResult) -> Path:
+    config = result.config
+    name: str
+    if args.result_filename:
+        name = str(args.result_filename)
+    else:
+        concurrency = f"-concurrency{config.max_concurrency}" if config.max_concurrency else ""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        model = Path(result.model).name or "model"
+        name = f"hwlm-{config.request_rate}qps{concurrency}-{model}-{stamp}.json"
+    return Path(args.result_dir or ".") / name
+
+
+def vllm_result(
+    args: argparse.Namespace, result: BenchResult, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """``vllm bench serve --save-result``'s JSON: the run's settings, the figures, and each
+    request's lengths, latencies, text and error."""
+    config = result.config
+    done = [r for r in result.results if r.ok]
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "openai-chat" if config.endpoint.endswith("chat/completions") else "openai",
+        "endpoint_type": "openai",
+        "label": "hwlm",
+        "model_id": result.model,
+        "tokenizer_id": config.tokenizer or result.model,
+        "num_prompts": config.num_prompts,
+        "request_rate": config.request_rate if math.isfinite(config.request_rate) else "inf",
+        "burstiness": config.burstiness,
+        "max_concurrency": config.max_concurrency,
+        "client_processes": config.client_processes,
+        **metrics,
+        "input_lens": [r.prompt_len or 0 for r in done],
+        "output_lens": [r.output_tokens for r in done],
+        "ttfts": [r.ttft_s or 0.0 for r in done],
+        "itls": [r.itl_s for r in done],
+        "generated_texts": [r.text for r in done],
+        "errors": [r.error or "" for r in result.results],
+    }

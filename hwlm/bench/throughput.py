@@ -21,11 +21,12 @@ import numpy as np
 
 from hwlm.bench.hf_baselines import BaselineResult, make_prompts
 from hwlm.bench.sampling_modes import add_sampling_argument, sampling_kwargs
+from hwlm.engine_args import add_cli_args, cli_kwargs
 
 logger = logging.getLogger(__name__)
 
 # Named workloads of shared/benchmarks.md.
-WORKLOADS: dict[str, dict] = {
+WORKLOADS: dict[str, dict[str, Any]] = {
     "c1": dict(
         model="c1-llama", num_prompts=32, input_len_min=32, input_len_max=256, output_len=64
     ),
@@ -58,6 +59,14 @@ WORKLOADS: dict[str, dict] = {
 }
 
 
+# Engine settings the workload decides unless given: (default, what it stands for).
+ENGINE_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "max_model_len": (None, "the longest prompt plus --output-len, plus 1"),
+    "load_format": (None, "dummy for a preset, else auto"),
+    "tokenizer": (None, "the preset's own"),
+}
+
+
 @dataclass
 class ThroughputResult:
     name: str
@@ -70,9 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workload", choices=sorted(WORKLOADS), help="a named workload (sets the rest)"
     )
-    parser.add_argument("--model", default="c1-llama", help="preset name or model folder")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, rocm, a plugin, or auto")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument(
+        "--model", default="c1-llama", help="preset name or model folder (default: c1-llama)"
+    )
     parser.add_argument("--num-prompts", type=int, default=32, help="requests (default: 32)")
     parser.add_argument(
         "--input-len-min", type=int, default=32, help="shortest prompt, tokens (default: 32)"
@@ -90,21 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw each request's output length uniformly from [this, --output-len] (seeded)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="overlap host and device work (default: on for GPUs)",
-    )
     add_sampling_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=256, help="most sequences per batch (default: 256)"
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
-    )
     parser.add_argument(
         "--compare-hf",
         action="store_true",
@@ -125,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=1, help="timed runs per engine; the median is reported"
     )
     parser.add_argument("--output-json", help="write the results here")
+    add_cli_args(parser, ENGINE_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> list[ThroughputResult]:
@@ -145,7 +141,8 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
             hf_model = build_hf_model(preset, folder, seed=args.seed)
             model, load_format = folder, "auto"
         else:
-            model, load_format = args.model, ("dummy" if preset is not None else "auto")
+            load_format = args.load_format or ("dummy" if preset is not None else "auto")
+            model = args.model
         results.append(_run_hwlm(args, model, load_format, prompts))
         if hf_model is not None:
             hf_model = _on_bench_device(hf_model, args.device, args.dtype)
@@ -160,7 +157,7 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
     return results
 
 
-def _check_hf_comparable(args: argparse.Namespace, preset: dict | None) -> dict:
+def _check_hf_comparable(args: argparse.Namespace, preset: dict[str, Any] | None) -> dict[str, Any]:
     if preset is None:
         raise ValueError("--compare-hf needs a preset model name (its weights are built here)")
     if args.output_len_min is not None or args.temperature != 0.0:
@@ -203,7 +200,7 @@ def _output_lens(args: argparse.Namespace) -> list[int]:
     return [int(n) for n in lens]
 
 
-def _prompts(args: argparse.Namespace, preset: dict | None) -> list[list[int]]:
+def _prompts(args: argparse.Namespace, preset: dict[str, Any] | None) -> list[list[int]]:
     vocab = int(preset["vocab_size"]) if preset else 32000
     return make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, vocab, args.seed)
 
@@ -212,21 +209,14 @@ def _run_hwlm(
     args: argparse.Namespace, model: str, load_format: str, prompts: list[list[int]]
 ) -> ThroughputResult:
     from hwlm import LLM, SamplingParams
-    from hwlm.presets import TOKENIZER_DIR
+    from hwlm.presets.preset_tokenizers import tokenizer_path
 
-    llm = LLM(
-        model,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        load_format=load_format,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.input_len_max + args.output_len + 1,
-        tokenizer=str(TOKENIZER_DIR),  # prompts are token ids; a folder built here has none
-        enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
-    )
+    settings = cli_kwargs(args)
+    settings["load_format"] = load_format
+    settings["max_model_len"] = args.max_model_len or args.input_len_max + args.output_len + 1
+    # The preset's own tokenizer: a folder built here (--compare-hf) has none.
+    settings["tokenizer"] = args.tokenizer or str(tokenizer_path(args.model) or model)
+    llm = LLM(model, **settings)
     params = [
         SamplingParams(**sampling_kwargs(args), max_tokens=n, ignore_eos=True)
         for n in _output_lens(args)

@@ -1,8 +1,10 @@
 """``hwlm chat``: talk to a model, line by line, from a terminal or a pipe.
 
 Each line of standard input is a user message; the reply streams to standard output and the
-conversation goes on (``/clear`` forgets it, ``/exit`` or end of input ends the session). Without
-``--url`` the model is loaded in this process; with it, an OpenAI-compatible server answers.
+conversation goes on (``/clear`` forgets it, ``/exit`` or end of input (Ctrl-D) ends the session).
+Ctrl-C during a reply stops the reply (the part shown stays in the conversation); Ctrl-C at the
+prompt ends the session (exit status 130). Without ``--url`` the model is loaded in this process;
+with it, an OpenAI-compatible server answers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, TextIO
 from hwlm.cli.chat_backends import ChatBackend, ChatSettings, Message, RemoteChat, RemoteChatError
 
 API_KEY_ENV = "HWLM_API_KEY"
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def add_chat_parser(
@@ -23,7 +26,7 @@ def add_chat_parser(
     add_engine_arguments: Callable[[argparse.ArgumentParser], None],
     engine_kwargs: Callable[[argparse.Namespace], dict[str, Any]],
 ) -> argparse.ArgumentParser:
-    chat = subparsers.add_parser(
+    chat: argparse.ArgumentParser = subparsers.add_parser(
         "chat",
         help="chat with a model (loaded here, or a server given by --url); reads stdin",
         description=__doc__,
@@ -62,6 +65,9 @@ def run_chat_command(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
     except RemoteChatError as exc:
         print(f"hwlm: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while the model loads or the server is asked for its models
+        print(file=sys.stderr)
+        return INTERRUPTED
 
 
 def _backend(
@@ -71,7 +77,8 @@ def _backend(
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         return RemoteChat(args.url, args.model, api_key, settings)
     from hwlm.cli.chat_backends import LocalChat
-    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
+    from hwlm.engine.llm_engine import LLMEngine
+    from hwlm.engine_args import EngineArgs
     from hwlm.server.chat_template import load_chat_template
 
     engine = LLMEngine(EngineArgs(model=args.model or "hwlm-tiny", **engine_kwargs))
@@ -79,7 +86,10 @@ def _backend(
 
 
 def chat_loop(backend: ChatBackend, stdin: TextIO, stdout: TextIO, system: str | None) -> int:
-    """Read user lines until end of input; stream each reply. Prompts only on a terminal."""
+    """Read user lines until end of input; stream each reply. Prompts only on a terminal.
+
+    Returns 0 at end of input or ``/exit``, ``INTERRUPTED`` on Ctrl-C at the prompt; Ctrl-C
+    during a reply ends only that reply."""
     interactive = stdin.isatty()
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     start = len(history)
@@ -87,8 +97,14 @@ def chat_loop(backend: ChatBackend, stdin: TextIO, stdout: TextIO, system: str |
         if interactive:
             stdout.write("> ")
             stdout.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            return INTERRUPTED
         if not line:
+            if interactive:  # Ctrl-D: end the prompt's line
+                stdout.write("\n")
             return 0
         text = line.strip()
         if text in ("/exit", "/quit"):
@@ -99,11 +115,23 @@ def chat_loop(backend: ChatBackend, stdin: TextIO, stdout: TextIO, system: str |
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        reply = []
-        for piece in backend.stream_reply(history):
+        history.append({"role": "assistant", "content": _write_reply(backend, history, stdout)})
+
+
+def _write_reply(backend: ChatBackend, history: list[Message], stdout: TextIO) -> str:
+    """Stream the reply to ``history`` to ``stdout`` and return it; Ctrl-C stops it there (the
+    backend's stream is closed, which ends the request) and returns what was written."""
+    reply: list[str] = []
+    stream = backend.stream_reply(history)
+    try:
+        for piece in stream:
             reply.append(piece)
             stdout.write(piece)
             stdout.flush()
-        stdout.write("\n")
-        stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.close()
+    stdout.write("\n")
+    stdout.flush()
+    return "".join(reply)

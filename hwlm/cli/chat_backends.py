@@ -11,7 +11,7 @@ import itertools
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,8 +26,9 @@ class ChatSettings:
 
 
 class ChatBackend(Protocol):
-    def stream_reply(self, messages: list[Message]) -> Iterator[str]:
-        """The assistant's reply to ``messages``, piece by piece."""
+    def stream_reply(self, messages: list[Message]) -> Generator[str, None, None]:
+        """The assistant's reply to ``messages``, piece by piece. Closing the generator early
+        (or a KeyboardInterrupt inside it) ends the request."""
         ...
 
 
@@ -40,7 +41,7 @@ class LocalChat:
         self.chat_template = chat_template
         self._ids = itertools.count()
 
-    def stream_reply(self, messages: list[Message]) -> Iterator[str]:
+    def stream_reply(self, messages: list[Message]) -> Generator[str, None, None]:
         from hwlm.sampling_params import SamplingParams
 
         text = self.engine.tokenizer.apply_chat_template(
@@ -103,7 +104,7 @@ class RemoteChat:
             raise RemoteChatError(f"{self.base}/models lists no model")
         return str(models[0]["id"])
 
-    def stream_reply(self, messages: list[Message]) -> Iterator[str]:
+    def stream_reply(self, messages: list[Message]) -> Generator[str, None, None]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,

@@ -8,81 +8,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from hwlm.engine_args import add_cli_args, cli_kwargs
+
 DEFAULT_MODEL = "hwlm-tiny"
-
-
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's flags, named as vLLM names them (shared by generate, serve and chat)."""
-    engine = parser.add_argument_group("engine")
-    engine.add_argument(
-        "--device", default="auto", help="cpu, cuda, rocm, a plugin name, or auto (default: auto)"
-    )
-    engine.add_argument(
-        "--dtype",
-        default="auto",
-        help="weights and activations: auto (the model's, if the device supports it), float32, "
-        "float16 or bfloat16",
-    )
-    engine.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    engine.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="context length, prompt plus output (default: the model's max_position_embeddings)",
-    )
-    engine.add_argument(
-        "--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)"
-    )
-    engine.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="token budget of one step; longer prompts are prefilled in chunks "
-        "(default: max(8192, max-num-seqs))",
-    )
-    engine.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)"
-    )
-    engine.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV blocks of shared prompt prefixes (default: on)",
-    )
-    engine.add_argument(
-        "--memory-utilization",
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of device memory (of HWLM_CPU_KVCACHE_SPACE on the CPU) for weights and "
-        "KV cache (default: 0.9)",
-    )
-    engine.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=None,
-        help="KV-cache blocks to allocate, overriding the memory budget",
-    )
-    engine.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "safetensors", "pt", "dummy"],
-        help="weights format; dummy: random weights from the model's config (default: auto)",
-    )
-    engine.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)"
-    )
-    engine.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="never capture decode graphs (always run eagerly)",
-    )
-    engine.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="schedule the next step while the device runs this one (default: on for GPUs)",
-    )
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -95,25 +23,6 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="logging level"
         )
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        memory_utilization=args.memory_utilization,
-        num_kv_blocks=args.num_kv_blocks,
-        load_format=args.load_format,
-        tokenizer=args.tokenizer,
-        enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
     gen.add_argument("--top-k", type=int, default=0, help="0 disables it (default: 0)")
-    _add_engine_arguments(gen)
+    add_cli_args(gen)
     gen.set_defaults(func=_generate)
 
     from hwlm.cli.chat import add_chat_parser
     from hwlm.cli.serve import add_serve_parser
 
-    add_serve_parser(sub, _add_engine_arguments, _engine_kwargs)
-    add_chat_parser(sub, _add_engine_arguments, _engine_kwargs)
+    add_serve_parser(sub)
+    add_chat_parser(sub, add_cli_args, cli_kwargs)
     for subparser in sub.choices.values():
         _add_log_level(subparser)
 
@@ -168,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_bench_module.add_arguments(serve_bench)
     serve_bench.set_defaults(func=lambda a: serve_bench_module.run(a))
+    standin = bench_sub.add_parser(
+        "standin", help="a stand-in OpenAI server: the load generator's ceiling"
+    )
+    from hwlm.bench import standin as standin_module
+
+    standin_module.add_arguments(standin)
+    standin.set_defaults(func=lambda a: standin_module.run(a))
     return parser
 
 
@@ -191,8 +107,7 @@ def _devices(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from hwlm import LLM, SamplingParams
 
-    load_format = args.load_format
-    llm = LLM(args.model, **{**_engine_kwargs(args), "load_format": load_format})
+    llm = LLM(args.model, **cli_kwargs(args))
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens
     )

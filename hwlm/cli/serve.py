@@ -7,13 +7,15 @@ fastapi and uvicorn are imported inside ``run_serve``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
-from collections.abc import Callable
+import socket
 from types import FrameType
 from typing import Any
 
+from hwlm.engine_args import add_cli_args, from_cli_args
 from hwlm.server.options import add_server_options, cors_settings, server_limits
 
 logger = logging.getLogger(__name__)
@@ -22,14 +24,12 @@ DEFAULT_MODEL = "hwlm-tiny"
 API_KEY_ENV = "HWLM_API_KEY"
 
 
-def add_serve_parser(
-    subparsers: Any,
-    add_engine_arguments: Callable[[argparse.ArgumentParser], None],
-    engine_kwargs: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
-) -> argparse.ArgumentParser:
-    """Register ``serve [MODEL]`` with ``vllm serve``'s flag names; with ``engine_kwargs`` (the
-    namespace -> engine keyword arguments function) it also sets the command's ``func``."""
-    serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``serve [MODEL]`` with ``vllm serve``'s flag names (the engine's from
+    ``EngineArgs``), its ``func`` running the server."""
+    serve: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API"
+    )
     serve.add_argument(
         "model",
         nargs="?",
@@ -66,9 +66,8 @@ def add_serve_parser(
         help="uvicorn's logging level, access log included (default: info)",
     )
     add_server_options(serve)
-    add_engine_arguments(serve)
-    if engine_kwargs is not None:
-        serve.set_defaults(func=lambda args: run_serve(args, engine_kwargs(args)))
+    add_cli_args(serve)
+    serve.set_defaults(func=run_serve)
     return serve
 
 
@@ -86,24 +85,78 @@ class _SignalGuard:
         self.server.handle_exit(signum, frame)
 
 
-def run_serve(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
-    """Build the engine and the app, serve until SIGINT/SIGTERM, shut down; 0 on a clean exit."""
+def run_serve(args: argparse.Namespace) -> int:
+    """Claim the address, build the engine and the app, serve until SIGINT/SIGTERM, shut down;
+    0 on a clean exit. An address that cannot be bound is a ValueError, before any model
+    loads."""
+    sockets = bind_sockets(args.host, args.port)
     guard = _SignalGuard()
     previous = {sig: signal.signal(sig, guard) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _serve(args, engine_kwargs, guard)
+        return _serve(args, sockets, guard)
     except KeyboardInterrupt:
         logger.info("interrupted before the server started")
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for sock in sockets:
+            sock.close()
 
 
-def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _SignalGuard) -> int:
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind (not yet listen on) every address ``host`` resolves to, as asyncio's create_server
+    (which uvicorn uses) would; a family the machine lacks is skipped. Raises ValueError naming
+    ``host:port`` when the address is in use or cannot be bound."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {where}: {exc.strerror}") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = _bound_socket(family, kind, proto, address)
+            if sock is not None:
+                sockets.append(sock)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+    if not sockets:
+        raise ValueError(f"cannot listen on {where}: no usable address")
+    return sockets
+
+
+def _bound_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: Any
+) -> socket.socket | None:
+    """A socket bound to ``address``; None when the machine lacks its address family."""
+    try:
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            return None
+        raise
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:  # e.g. IPv6 turned off
+            return None
+        raise
+    return sock
+
+
+def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _SignalGuard) -> int:
     import uvicorn
 
-    from hwlm.engine.llm_engine import EngineArgs, LLMEngine
+    from hwlm.engine.llm_engine import LLMEngine
     from hwlm.server.api import build_app
     from hwlm.server.async_engine import AsyncLLMEngine
     from hwlm.server.chat_template import load_chat_template
@@ -111,7 +164,7 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served_model_name = args.served_model_name or args.model
-    engine = AsyncLLMEngine(LLMEngine(EngineArgs(model=args.model, **engine_kwargs)))
+    engine = AsyncLLMEngine(LLMEngine(from_cli_args(args)))
     try:
         app = build_app(
             engine,
@@ -135,11 +188,11 @@ def _serve(args: argparse.Namespace, engine_kwargs: dict[str, Any], guard: _Sign
             args.model,
             served_model_name,
             args.host,
-            args.port,
+            sockets[0].getsockname()[1],  # the port bound, should --port be 0
             " (API key required on /v1)" if api_key else "",
         )
         try:
-            server.run()
+            server.run(sockets=sockets)
         except SystemExit as exc:  # uvicorn exits this way when it cannot bind
             return exc.code if isinstance(exc.code, int) else 1
         return 0 if server.started else 1
@@ -154,7 +207,7 @@ def _make_server(uvicorn: Any, config: Any, engine: Any, app: Any) -> Any:
     --shutdown-timeout seconds (then uvicorn cancels them, which aborts them). A second signal
     stops the engine at once: in-flight responses end with an error."""
 
-    class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
+    class Server(uvicorn.Server):  # type: ignore[misc]
         finished = False
 
         async def shutdown(self, sockets: Any = None) -> None:

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from hwlm.backend import Backend
-from hwlm.config import EngineConfig, ModelConfig, parse_dtype
+from hwlm.config import EngineConfig, ModelConfig, parse_dtype, resolve_max_model_len
 from hwlm.engine.block_manager import BlockManager
 from hwlm.engine.model_runner import ModelRunner
 from hwlm.engine.scheduler import ScheduledBatch, Scheduler
 from hwlm.engine.sequence import Sequence
+from hwlm.engine_args import EngineArgs
 from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from hwlm.registry import select_backend
 from hwlm.sampling.generation_config import load_sampling_defaults
@@ -32,31 +33,6 @@ from hwlm.sampling_params import SamplingParams
 from hwlm.text.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineArgs:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None
-    load_format: str = "auto"
-    tokenizer: str | None = None
-    enforce_eager: bool = False
-    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for; -1: any
-    # Overlap host and device: schedule step n + 1 while step n runs. None: on for GPUs (on a
-    # CPU the forward runs on the host anyway, so there is nothing to overlap).
-    async_scheduling: bool | None = None
-    # Set by LLM: offline batches get vLLM's larger default token budget on GPUs (16384 instead
-    # of 8192; fewer, larger prefill steps), where a server keeps 8192 for latency.
-    offline: bool = False
 
 
 class LLMEngine:
@@ -83,8 +59,7 @@ class LLMEngine:
         )
         logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
         self.runner = ModelRunner(model, self.backend, self.config)
-        if self.backend.device.type != "cpu":  # the budget below then counts a step's peak
-            self.runner.warm_up(self._allocate_kv_cache(1))
+        self._warm_up()  # before the budget, which may count the warm-up step's peak
         num_blocks = self._num_kv_blocks()
         self.runner.attach_kv_caches(self._allocate_kv_cache(num_blocks))
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
@@ -106,7 +81,7 @@ class LLMEngine:
         self.async_scheduling = (
             args.async_scheduling
             if args.async_scheduling is not None
-            else self.backend.device.type != "cpu"
+            else self.backend.overlap_steps
         )
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not yet read back
 
@@ -114,13 +89,7 @@ class LLMEngine:
 
     @staticmethod
     def _engine_config(args: EngineArgs, model: ModelConfig, backend: Backend) -> EngineConfig:
-        max_len = args.max_model_len or model.max_position_embeddings
-        if max_len > model.max_position_embeddings:
-            logger.warning(
-                "max_model_len %d exceeds the model's max_position_embeddings %d",
-                max_len,
-                model.max_position_embeddings,
-            )
+        max_len = resolve_max_model_len(args.max_model_len, model)
         return EngineConfig(
             max_model_len=max_len,
             max_num_seqs=args.max_num_seqs,
@@ -143,6 +112,15 @@ class LLMEngine:
         chosen = self.backend.preferred_dtype
         logger.info("dtype auto: %s runs %s models in %s", self.backend.name, wanted, chosen)
         return chosen
+
+    def _warm_up(self) -> None:
+        """Dummy steps on a one-block cache, so that the first requests do not wait for what
+        compiles on first use (``ModelRunner.warm_up``). A backend that profiles memory with
+        the warm-up gets a step as large as the scheduler allows; others a small one."""
+        start = time.perf_counter()
+        full = self.backend.profile_memory_with_warm_up
+        self.runner.warm_up(self._allocate_kv_cache(1), full=full)
+        logger.info("warmed up in %.1fs", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         m = self.model_config
@@ -456,7 +434,7 @@ class _LaunchedStep:
 
 
 def _default_token_budget(args: EngineArgs, backend: Backend) -> int:
-    return 16384 if args.offline and backend.device.type != "cpu" else 8192
+    return backend.default_max_num_batched_tokens(args.offline)
 
 
 def _local_folder(path: str) -> str | None:

@@ -46,7 +46,7 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
-        self.sampler = Sampler(backend.greedy_sample)
+        self.sampler = Sampler(backend.greedy_sample, backend)
         self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
         self.decode_runner: DecodeRunner | None = None
         backend.prepare_model(model)
@@ -77,12 +77,26 @@ class ModelRunner:
         self._last_sampled = sampled.token_ids
         return sampled
 
-    def warm_up(self, kv_caches: list[torch.Tensor]) -> None:
-        """One dummy step as large as the scheduler allows: decode rows beside prefill rows
-        filling the rest of the token budget, then the logits of every row and a top-p draw
-        over them (the sampler's costliest path). It writes no KV (slots -1) and reads only block 0 of ``kv_caches``. Run before the
-        KV cache is sized, it shows the backend the peak memory of a step; it also compiles the
-        kernels the first real steps would otherwise wait for."""
+    def warm_up(self, kv_caches: list[torch.Tensor], full: bool = True) -> None:
+        """Dummy steps through the forward and both sampler paths (greedy, and a top-p draw: the
+        costliest), so that the first requests do not wait for what compiles on first use
+        (kernels, and their variants for one-token steps). They write no KV (slots -1), read only
+        block 0 of ``kv_caches`` and leave the global random state as it was.
+
+        ``full``: a step as large as the scheduler allows (decode rows beside prefill rows
+        filling the rest of the token budget); run before the KV cache is sized, it shows the
+        backend the peak memory of a step. Otherwise a small mixed step (a decode row beside a
+        short prefill). Then, in both cases, a one-row decode step."""
+        first = self._largest_step() if full else self._small_step()
+        device = self.backend.device
+        rng_devices = [] if device.index is None else [device.index]
+        with torch.random.fork_rng(rng_devices, device_type=device.type):
+            for q_lens in (first, [1]):
+                self._dummy_step(kv_caches, q_lens)
+        self.backend.synchronize()
+
+    def _largest_step(self) -> list[int]:
+        """Query lengths of the largest step the scheduler allows."""
         cfg = self.config
         num_tokens, num_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
         decodes = min(num_seqs - 1, num_tokens // 2)
@@ -91,8 +105,19 @@ class ModelRunner:
         while left > 0 and decodes + len(prefills) < num_seqs:
             prefills.append(min(left, cfg.max_model_len))
             left -= prefills[-1]
-        prefill = max(prefills)
-        q_lens = np.array([1] * decodes + prefills, dtype=np.int64)
+        return [1] * decodes + prefills
+
+    def _small_step(self) -> list[int]:
+        """Query lengths of a decode row beside a short prefill (the prefill alone when the
+        scheduler runs one sequence at a time)."""
+        cfg = self.config
+        prefill = max(1, min(_WARM_UP_PREFILL, cfg.max_model_len - 1, cfg.max_num_batched_tokens))
+        return [1, prefill] if cfg.max_num_seqs > 1 else [prefill]
+
+    def _dummy_step(self, kv_caches: list[torch.Tensor], query_lens: list[int]) -> None:
+        """A step of sequences with ``query_lens`` tokens each, all of them sampling."""
+        prefill = max(query_lens)
+        q_lens = np.array(query_lens, dtype=np.int64)
         query_start = np.concatenate([[0], np.cumsum(q_lens)])
         positions = np.arange(query_start[-1]) - np.repeat(query_start[:-1], q_lens)
         blocks = -(-prefill // self.block_size)
@@ -107,13 +132,12 @@ class ModelRunner:
         metadata = AttentionMetadata(
             qsl, lens, tables.view(len(q_lens), blocks), slots, prefill, prefill
         )
-        params = SamplingParams(temperature=1.0, top_p=0.5)
-        dummies = [Sequence(-1 - i, "warm-up", [0], params) for i in range(len(q_lens))]
         with torch.inference_mode():
             ctx = ForwardContext(self.backend, kv_caches, metadata)
             logits = self.model.compute_logits(self.model(ids, pos, ctx)[rows])
-            self.sampler.sample(logits, dummies).to_output()
-        self.backend.synchronize()
+            for params in _WARM_UP_SAMPLING:
+                dummies = [Sequence(-1 - i, "warm-up", [0], params) for i in range(len(q_lens))]
+                self.sampler.sample(logits, dummies).to_output()
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         metadata = inputs.metadata
@@ -121,7 +145,8 @@ class ModelRunner:
         if runner is not None and metadata.max_query_len == 1 and runner.fits(metadata.num_seqs):
             return runner.run(inputs.input_ids, inputs.positions, metadata)
         ctx = ForwardContext(self.backend, self.kv_caches, metadata)
-        return self.model(inputs.input_ids, inputs.positions, ctx)
+        hidden: torch.Tensor = self.model(inputs.input_ids, inputs.positions, ctx)
+        return hidden
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's flattened inputs and AttentionMetadata, built with whole-array numpy ops
@@ -175,11 +200,8 @@ class ModelRunner:
         flat = np.zeros(int(offsets[-1]), dtype=_NUMPY[dtype])
         for a, start in zip(arrays, offsets.tolist(), strict=False):
             flat[start : start + a.size] = a.ravel()
-        host = torch.from_numpy(flat)
-        device = self.backend.device
-        if device.type != "cpu":
-            host = host.pin_memory().to(device, non_blocking=True)
-        return [host[o : o + n] for o, n in zip(offsets.tolist(), sizes, strict=False)]
+        flat_on_device = self.backend.upload(torch.from_numpy(flat))
+        return [flat_on_device[o : o + n] for o, n in zip(offsets.tolist(), sizes, strict=False)]
 
 
 def _input_ids(
@@ -205,6 +227,10 @@ def _input_ids(
 
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+
+_WARM_UP_PREFILL = 8  # tokens of the small warm-up step's prefill
+# The sampler's two paths: one pass for greedy rows; processing, top-p and a draw for the rest.
+_WARM_UP_SAMPLING = (SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0))
 
 
 def _block_tables(seqs: list[Sequence]) -> np.ndarray:

@@ -35,7 +35,9 @@ class Sequence:
         self.prompt = prompt
         self.params = params
         self.argmax_only = params.argmax_only  # read by the sampler for every row of every step
-        self.eos_token_ids = () if params.ignore_eos else eos_token_ids
+        # The model's EOS ids. min_tokens masks them whatever ignore_eos says (as vLLM does);
+        # they end the sequence only without ignore_eos.
+        self.eos_token_ids = eos_token_ids
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = Status.WAITING

@@ -23,6 +23,7 @@ from hwlm import presets
 from hwlm.backend import Backend
 from hwlm.config import ModelConfig
 from hwlm.models import CausalLM, build_model
+from hwlm.presets import preset_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +170,8 @@ def _from_folder(folder: Path, name: str) -> ResolvedModel:
 def _from_preset(preset: presets.Preset, name: str, load_format: str) -> ResolvedModel:
     cached = _cached_snapshot(preset.hub_id) if preset.hub_id else None
     if load_format == "dummy" or preset.name == presets.TINY_MODEL:
-        # The shipped tokenizer works offline; pass a tokenizer explicitly for the real one.
-        tokenizer = cached or presets.TOKENIZER_DIR
+        # Offline: a tokenizer built for the preset's whole vocabulary (pass one for the real).
+        tokenizer = cached or preset_tokenizers.tokenizer_path(preset.name)
         return ResolvedModel(preset.config, None, str(tokenizer), name)
     if cached is not None:
         logger.info("using the cached Hugging Face snapshot of %s: %s", preset.hub_id, cached)
@@ -215,6 +216,11 @@ def _from_hub(repo_id: str, load_format: str) -> ResolvedModel:
             )
     except Exception as exc:
         cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if "/" not in repo_id:  # a bare name is more likely a mistyped preset than a hub id
+            raise ValueError(
+                f"unknown model '{repo_id}': no such folder or preset ({presets.preset_hint(repo_id)})"
+                f", and the Hugging Face hub could not provide it ({cause[:200]})"
+            ) from exc
         raise ValueError(
             f"cannot get model '{repo_id}' from the Hugging Face hub: {cause[:400]}"
         ) from exc

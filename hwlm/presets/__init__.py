@@ -2,12 +2,14 @@
 
 A preset gives the architecture only; its weights come from a local folder, the hub cache, or
 ``load_format="dummy"``. ``hwlm-tiny`` is the built-in default model (random weights) and uses the
-tokenizer in ``tokenizer/`` next to this file.
+tokenizer in ``tokenizer/`` next to this file; the other presets get one covering their whole
+vocabulary, built at first use (``preset_tokenizers.py``).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -50,7 +52,8 @@ for _p in _PRESETS:
 @cache
 def _load(name: str) -> dict[str, Any]:
     with open(PRESET_DIR / f"{name}.json", encoding="utf-8") as f:
-        return json.load(f)
+        config: dict[str, Any] = json.load(f)
+    return config
 
 
 def find_preset(name: str) -> Preset | None:
@@ -67,3 +70,11 @@ def get_preset(name: str) -> dict[str, Any] | None:
 def list_presets() -> list[str]:
     """Short names of all shipped presets."""
     return [p.name for p in _PRESETS]
+
+
+def preset_hint(name: str) -> str:
+    """For a ``name`` that is no preset: the closest preset, if one is close, and all of them,
+    e.g. "did you mean 'hwlm-tiny'? presets: qwen2.5-0.5b, ..., hwlm-tiny"."""
+    close = difflib.get_close_matches(name.strip().lower(), list(_BY_KEY), n=1)
+    guess = f"did you mean '{_BY_KEY[close[0]].name}'? " if close else ""
+    return f"{guess}presets: {', '.join(list_presets())}"

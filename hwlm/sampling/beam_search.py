@@ -11,12 +11,13 @@ completed and live beams are returned, best first. The prefix cache keeps every 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hwlm.outputs import Logprob, RequestOutput
-from hwlm.sampling_params import SamplingParams
+from hwlm.sampling_params import ParameterError, SamplingParams
 
 
 @dataclass
@@ -30,13 +31,21 @@ class BeamSearchParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int):
-            raise ValueError(f"beam_width must be an integer, got {self.beam_width!r}")
+            raise ParameterError(
+                f"beam_width must be an integer, got {self.beam_width!r}", "beam_width"
+            )
         if self.beam_width < 1:
-            raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
+            raise ParameterError(
+                f"beam_width must be at least 1, got {self.beam_width}", "beam_width"
+            )
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise ParameterError(
+                f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens"
+            )
         if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+            raise ParameterError(
+                f"temperature must be non-negative, got {self.temperature}", "temperature"
+            )
 
 
 @dataclass
@@ -60,7 +69,7 @@ def beam_search_score(
     tokens: list[int], cum_logprob: float, eos_token_id: int | None, length_penalty: float
 ) -> float:
     length = len(tokens) - (1 if tokens and tokens[-1] == eos_token_id else 0)
-    return cum_logprob / (length**length_penalty)
+    return cum_logprob / math.pow(length, length_penalty)
 
 
 Generate = Callable[[list[dict[str, Any]], SamplingParams], list[RequestOutput]]

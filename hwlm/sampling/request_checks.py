@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwlm.sampling_params import SamplingParams
+from hwlm.sampling_params import ParameterError, SamplingParams
 
 
 def check_params(params: SamplingParams, vocab_size: int, max_logprobs: int, stream: bool) -> None:
-    """Raise ValueError naming the parameter and its allowed range."""
+    """Raise ParameterError naming the parameter and its allowed range."""
     for name, ids in (
         ("stop_token_ids", params.stop_token_ids or []),
         ("allowed_token_ids", params.allowed_token_ids or []),
@@ -17,22 +17,23 @@ def check_params(params: SamplingParams, vocab_size: int, max_logprobs: int, str
     ):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(
-                f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})"
+            raise ParameterError(
+                f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})", name
             )
     limit = vocab_size if max_logprobs == -1 else max_logprobs
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
         asked = vocab_size if value == -1 else value
         if asked is not None and asked > limit:
-            raise ValueError(
-                f"{name} must be in [0, {limit}] (the engine's max_logprobs), got {value}"
+            raise ParameterError(
+                f"{name} must be in [0, {limit}] (the engine's max_logprobs), got {value}", name
             )
     assert params.best_of is not None
     if stream and params.best_of > params.n:
-        raise ValueError(
+        raise ParameterError(
             f"best_of must equal n={params.n} when streaming (best_of > n picks the best samples "
-            f"only at the end), got {params.best_of}"
+            f"only at the end), got {params.best_of}",
+            "best_of",
         )
 
 
@@ -47,13 +48,16 @@ def tokenize_bad_words(tokenizer: Any, words: list[str], vocab_size: int) -> lis
             if ids and ids not in variants:
                 variants.append(ids)
         if not variants:
-            raise ValueError(f"bad_words entries must tokenize to at least one token: {word!r}")
+            raise ParameterError(
+                f"bad_words entries must tokenize to at least one token: {word!r}", "bad_words"
+            )
         for ids in variants:
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(
+                raise ParameterError(
                     f"bad_words {word!r} tokenizes to ids {bad} outside the vocabulary "
-                    f"[0, {vocab_size})"
+                    f"[0, {vocab_size})",
+                    "bad_words",
                 )
         out.extend(variants)
     return out

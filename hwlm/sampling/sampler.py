@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hwlm.engine.sequence import Sequence
-from hwlm.engine.transfer import to_device
+from hwlm.engine.transfer import CopyAtWait, HostCopy, Transfers, to_device, using
 from hwlm.sampling.penalties import PenaltyTensors, apply_penalties
 from hwlm.sampling.token_constraints import TokenConstraints
 from hwlm.sampling.truncation import truncate
@@ -44,45 +44,30 @@ class SamplerOutput:
 class SampledBatch:
     """A step's samples while they are still on the device.
 
-    Creating one starts the copy to the host without waiting; ``to_output`` waits for it. Between
-    the two the host is free to prepare and launch the next step, which reads ``token_ids`` on
-    the device (see ``hwlm.engine.llm_engine``, overlapped steps)."""
+    ``copy`` is their copy to the host, already started (``Transfers.start_host_copy``);
+    ``to_output`` waits for it. Between the two the host is free to prepare and launch the next
+    step, which reads ``token_ids`` on the device (see ``hwlm.engine.llm_engine``, overlapped
+    steps)."""
 
     def __init__(
         self,
         token_ids: torch.Tensor,
-        logprobs: torch.Tensor,
-        top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        copy: HostCopy,
         wanted: list[int | None],
         seqs: list[Sequence],
     ) -> None:
         self.token_ids = token_ids
         self.seqs = seqs
         self._wanted = wanted
-        self._host, self._ready = _start_host_copy([token_ids, logprobs, *(top or ())])
+        self._copy = copy
 
     def to_output(self) -> SamplerOutput:
-        if self._ready is not None:
-            self._ready.synchronize()
-        tokens, logprobs, *top = (t.tolist() for t in self._host)
+        tokens, logprobs, *top = (t.tolist() for t in self._copy.wait())
         rows: list[TopLogprobs | None] = [None] * len(self.seqs)
         if top:
             top_ids, top_values, ranks = top
             rows = _format_top(top_ids, top_values, ranks, self._wanted)
         return SamplerOutput(tokens, logprobs, rows, self.seqs)
-
-
-def _start_host_copy(
-    tensors: list[torch.Tensor],
-) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
-    if tensors[0].device.type != "cuda":  # CPU tensors are there already (others: copied late)
-        return tensors, None
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for h, t in zip(host, tensors, strict=True):
-        h.copy_(t, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
 
 
 GreedyKernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -97,19 +82,31 @@ def greedy_in_torch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Sampler:
     """``greedy`` computes argmax and log-probability for batches that need nothing else
-    (``Backend.greedy_sample``: one pass over the logits on GPUs)."""
+    (``Backend.greedy_sample``: one pass over the logits on GPUs). ``transfers`` (the backend)
+    makes the copies between host and device: host-built tensors go to the device through its
+    ``upload`` and the samples come back through its ``start_host_copy``; without one, copies
+    are plain and synchronous."""
 
-    def __init__(self, greedy: GreedyKernel = greedy_in_torch) -> None:
+    def __init__(
+        self, greedy: GreedyKernel = greedy_in_torch, transfers: Transfers | None = None
+    ) -> None:
         self._greedy = greedy
+        self._transfers = transfers
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_output()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         """Select every row's next token without reading anything back to the host."""
+        if self._transfers is None:
+            return self._sample(logits, seqs)
+        with using(self._transfers):
+            return self._sample(logits, seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         if all(s.argmax_only and not s.pending_forks for s in seqs):
             tokens, token_logprobs = self._greedy(logits)
-            return SampledBatch(tokens, token_logprobs, None, [None] * len(seqs), seqs)
+            return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
         logits, seqs = _expand_forks(logits, seqs)
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
@@ -125,10 +122,23 @@ class Sampler:
         # The sampled tokens' logprobs need one reduction, not a [batch, vocab] log_softmax.
         token_logprobs = (raw.gather(1, tokens[:, None]) - log_total).squeeze(1)
         wanted = [s.params.logprobs for s in seqs]
-        top = None
+        results = [token_logprobs]
         if any(n is not None for n in wanted):
-            top = top_logprobs(raw - log_total, tokens, wanted)
-        return SampledBatch(tokens, token_logprobs, top, wanted, seqs)
+            results += top_logprobs(raw - log_total, tokens, wanted)
+        return self._batch(tokens, results, wanted, seqs)
+
+    def _batch(
+        self,
+        tokens: torch.Tensor,
+        results: list[torch.Tensor],
+        wanted: list[int | None],
+        seqs: list[Sequence],
+    ) -> SampledBatch:
+        """The batch of ``tokens``, with their copy to the host (and that of ``results``: their
+        logprobs, then optionally the top ids, top logprobs and ranks) started."""
+        tensors, transfers = [tokens, *results], self._transfers
+        copy = CopyAtWait(tensors) if transfers is None else transfers.start_host_copy(tensors)
+        return SampledBatch(tokens, copy, wanted, seqs)
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -17,7 +17,7 @@ def check_stop(seq: Sequence, token: int, new_text: str, max_model_len: int) -> 
     ``new_text`` is the text the detokenizer completed with ``token`` ("" without one)."""
     params = seq.params
     if seq.num_output_tokens >= params.min_tokens:
-        if token in seq.eos_token_ids:
+        if token in seq.eos_token_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
             return True
         if token in (params.stop_token_ids or ()):

@@ -3,7 +3,8 @@
 1. ``allowed_token_ids``: every other token is masked (-inf).
 2. ``bad_words``: a one-token word is always masked; for a longer word, its last token is masked
    whenever the output so far ends with the word's other tokens.
-3. ``min_tokens``: EOS and ``stop_token_ids`` are masked while the output is shorter.
+3. ``min_tokens``: EOS (even with ``ignore_eos``) and ``stop_token_ids`` are masked while the
+   output is shorter.
 4. ``logit_bias``: added to the given tokens' logits.
 
 Index lists are gathered from the sequences once per step (only sequences that use a control

@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 
-from hwlm.cli.main import _add_engine_arguments, _engine_kwargs
 from hwlm.cli.serve import add_serve_parser
 
 
@@ -16,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     subparsers = parser.add_subparsers(dest="command")
-    add_serve_parser(subparsers, _add_engine_arguments, _engine_kwargs)
+    add_serve_parser(subparsers)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -24,7 +24,6 @@ class ServerLimits:
     max_request_bytes: int = 8 * 2**20
     max_tokens: int | None = None
     max_n: int = 16
-    max_logprobs: int = 20
     max_stop_strings: int = 16
     max_waiting_requests: int | None = 1024
 
@@ -37,7 +36,6 @@ def check_request(request: Any, limits: ServerLimits) -> None:
         if value is not None and value > limits.max_n:
             raise APIError(f"{name} must be at most {limits.max_n}, got {value}", param=name)
     _check_max_tokens(request, limits)
-    _check_logprobs(request, limits)
     stop = getattr(request, "stop", None)
     num_stop = 1 if isinstance(stop, str) else len(stop or [])
     if num_stop > limits.max_stop_strings:
@@ -60,15 +58,6 @@ def _check_max_tokens(request: Any, limits: ServerLimits) -> None:
         value = getattr(request, name, None)
         if value is not None and value > limits.max_tokens:
             raise APIError(f"{name} must be at most {limits.max_tokens}, got {value}", param=name)
-
-
-def _check_logprobs(request: Any, limits: ServerLimits) -> None:
-    for name in ("logprobs", "top_logprobs"):
-        value = getattr(request, name, None)
-        if isinstance(value, bool) or value is None:
-            continue  # chat's logprobs is a switch; its count is top_logprobs
-        if value > limits.max_logprobs:
-            raise APIError(f"{name} must be at most {limits.max_logprobs}, got {value}", param=name)
 
 
 def num_prompts(request: Any) -> int:

@@ -11,16 +11,16 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 import hwlm
 from hwlm.server.admission import ServerLimits, check_capacity, check_request, num_prompts
-from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
+from hwlm.server.async_engine import AsyncLLMEngine
 from hwlm.server.auth import APIKeyMiddleware
 from hwlm.server.body_limit import BodySizeLimitMiddleware
 from hwlm.server.cors import CORSSettings, install_cors
 from hwlm.server.errors import APIError, install_error_handlers
-from hwlm.server.prometheus import CONTENT_TYPE, render_metrics
+from hwlm.server.prometheus import CONTENT_TYPE, metrics_registry, render_metrics
 from hwlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -74,14 +74,13 @@ def build_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": hwlm.__version__})
 
+    registry = metrics_registry(
+        served_model_name, lambda: engine.stats_snapshot(), lambda: engine.metrics.snapshot()
+    )  # looked up at each scrape
+
     @app.get("/metrics")
     async def metrics() -> Response:
-        try:
-            stats = await engine.get_stats()
-        except EngineDeadError:  # still report the counters; nothing is running
-            stats = EngineStats(0, 0, 0, 0, 0)
-        text = render_metrics(stats, engine.metrics.snapshot(), served_model_name)
-        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+        return Response(render_metrics(registry), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -176,6 +176,7 @@ class AsyncLLMEngine:
         self.engine = engine  # touch only from the engine thread, except immutable config
         self.tokenizer = engine.tokenizer  # for chat templates (pure Python, no tokenization)
         self.max_model_len: int = engine.config.max_model_len
+        self.max_logprobs: int = engine.max_logprobs  # -1: no limit
         # The model's generation_config.json sampling defaults (SamplingParams field -> value).
         self.sampling_defaults: dict[str, Any] = dict(getattr(engine, "sampling_defaults", {}))
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -188,6 +189,7 @@ class AsyncLLMEngine:
         self._error: EngineDeadError | None = None
         self._stopping = False
         self.metrics = ServingMetrics()  # fed on the engine thread, read anywhere
+        self._stats = EngineStats(0, 0, 0, 0, 0)  # replaced on the engine thread, read anywhere
         self._thread = threading.Thread(target=self._run, name="hwlm-engine", daemon=True)
         self._thread.start()
 
@@ -263,21 +265,19 @@ class AsyncLLMEngine:
         return await self._call(lambda e: list(e.tokenizer.convert_ids_to_tokens(token_ids)))
 
     async def get_stats(self) -> EngineStats:
-        def snapshot(e: Any) -> EngineStats:
-            blocks = e.block_manager
-            return EngineStats(
-                num_running=len({s.request_id for s in e.scheduler.running}),
-                num_waiting=len({s.request_id for s in e.scheduler.waiting}),
-                num_free_blocks=blocks.num_free_blocks,
-                num_blocks=blocks.num_blocks,
-                num_streams=len(self._streams),
-                kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
-                prefix_cache_queries=blocks.prefix_query_tokens,
-                prefix_cache_hits=blocks.prefix_hit_tokens,
-                num_preemptions=e.scheduler.num_preemptions,
-            )
+        """The engine's load now (a round trip to the engine thread)."""
+        return await self._call(lambda e: self._take_stats())
 
-        return await self._call(snapshot)
+    def stats_snapshot(self) -> EngineStats:
+        """The engine's load as of its last step or inbox drain, without waiting for the engine
+        thread. Once the engine is dead nothing runs: the gauges read 0, the counters stay."""
+        stats = self._stats
+        if self._error is None:
+            return stats
+        return replace(
+            stats, num_running=0, num_waiting=0, num_free_blocks=stats.num_blocks,
+            num_streams=0, kv_cache_usage=0.0,
+        )  # fmt: skip
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine: in-flight and later requests fail with EngineDeadError at once; then
@@ -322,8 +322,10 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self._record(outputs)
+                    self._stats = self._take_stats()  # before the clients hear of this step
                     self._dispatch(outputs)
                 else:
+                    self._stats = self._take_stats()
                     self._wakeup.wait()
         except BaseException as exc:
             logger.exception("the engine failed; failing all requests")
@@ -332,6 +334,21 @@ class AsyncLLMEngine:
             self._fail_all(EngineDeadError("the engine is shut down"))
             self._fail_inbox()
         logger.debug("engine thread stopped")
+
+    def _take_stats(self) -> EngineStats:
+        """Engine thread only."""
+        e, blocks = self.engine, self.engine.block_manager
+        return EngineStats(
+            num_running=len({s.request_id for s in e.scheduler.running}),
+            num_waiting=len({s.request_id for s in e.scheduler.waiting}),
+            num_free_blocks=blocks.num_free_blocks,
+            num_blocks=blocks.num_blocks,
+            num_streams=len(self._streams),
+            kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
+            prefix_cache_queries=blocks.prefix_query_tokens,
+            prefix_cache_hits=blocks.prefix_hit_tokens,
+            num_preemptions=e.scheduler.num_preemptions,
+        )
 
     def _drain_inbox(self) -> None:
         while True:
@@ -435,9 +452,9 @@ class AsyncLLMEngine:
                 self._error = error
             streams = list(self._streams.values())
             self._streams.clear()
-        for request_stream in streams:
-            request_stream.put(EngineDeadError(str(self._error)))
+        for request_stream in streams:  # counted first: a client told may scrape /metrics at once
             self.metrics.on_aborted(request_stream.request_id)  # ended without finishing
+            request_stream.put(EngineDeadError(str(self._error)))
 
     def _fail_inbox(self) -> None:
         """Answer the commands that will never run (the thread is exiting)."""

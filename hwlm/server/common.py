@@ -7,8 +7,8 @@ from typing import Any
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.errors import APIError
-from hwlm.server.protocol import MAX_LOGPROBS, SamplingRequest, UsageInfo
+from hwlm.server.errors import APIError, invalid_request
+from hwlm.server.protocol import SamplingRequest, UsageInfo
 
 
 def check_model(requested: str | None, served_model_name: str) -> None:
@@ -22,9 +22,27 @@ def check_model(requested: str | None, served_model_name: str) -> None:
         )
 
 
-def check_logprobs(value: int | None, param: str) -> None:
-    if value is not None and not 0 <= value <= MAX_LOGPROBS:
-        raise APIError(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param=param)
+def check_logprobs(
+    value: int | None, param: str, max_logprobs: int, whole_vocab_ok: bool = False
+) -> None:
+    """400 naming ``param`` unless ``value`` is None or in [0, max_logprobs] (the engine's
+    ``--max-logprobs``; -1: no limit). With ``whole_vocab_ok`` (``prompt_logprobs``), -1 asks
+    for the whole vocabulary, which passes only without a limit, as in vLLM."""
+    if value is None:
+        return
+    if value == -1 and whole_vocab_ok:
+        if max_logprobs == -1:
+            return
+        raise APIError(f"{param}=-1 (the whole vocabulary) needs --max-logprobs -1", param=param)
+    if max_logprobs == -1:
+        if value < 0:
+            raise APIError(f"{param} must be non-negative, got {value}", param=param)
+    elif not 0 <= value <= max_logprobs:
+        raise APIError(
+            f"{param} must be between 0 and {max_logprobs} (the server's --max-logprobs), "
+            f"got {value}",
+            param=param,
+        )
 
 
 def check_context_length(
@@ -61,10 +79,8 @@ def sampling_params(
         raise APIError(problem[0], param=problem[1])
     try:
         return request.sampling_params(max_tokens, logprobs, defaults)
-    except ValueError as exc:  # SamplingParams' messages start with the field's name
-        words = str(exc).split()
-        param = words[0] if words and words[0] in type(request).model_fields else None
-        raise APIError(str(exc), param=param) from exc
+    except ValueError as exc:
+        raise invalid_request(exc, type(request).model_fields) from exc
 
 
 def usage(outputs: Sequence[RequestOutput]) -> UsageInfo:

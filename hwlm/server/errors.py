@@ -7,6 +7,7 @@ Every failure the server reports goes through here, including FastAPI's own vali
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from http import HTTPStatus
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hwlm.sampling_params import ParameterError
 from hwlm.server.async_engine import EngineDeadError
 from hwlm.server.protocol import ErrorInfo, ErrorResponse
 
@@ -52,6 +54,18 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(
+    exc: ValueError, fields: Collection[str] | None = None, default: str | None = None
+) -> APIError:
+    """A 400 for ``exc``, raised while checking a request or adding it to the engine. Its
+    ``param`` is the field a ``ParameterError`` names (if the request has it: ``fields``, None
+    for any), else ``default`` (the prompt, say, for the engine's other ValueErrors)."""
+    if not isinstance(exc, ParameterError):
+        return APIError(str(exc), 400, param=default)
+    known = fields is None or exc.param in fields
+    return APIError(str(exc), 400, param=exc.param if known else None)
 
 
 class ClientDisconnected(Exception):

@@ -28,9 +28,6 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument("--max-n", type=int, default=16, help="largest n (default: 16)")
     limits.add_argument(
-        "--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs (20)"
-    )
-    limits.add_argument(
         "--max-stop-strings", type=int, default=16, help="most stop strings per request (16)"
     )
     limits.add_argument(
@@ -69,7 +66,6 @@ def server_limits(args: argparse.Namespace) -> Any:
         max_request_bytes=args.max_request_bytes,
         max_tokens=args.max_tokens_limit,
         max_n=args.max_n,
-        max_logprobs=args.max_logprobs,
         max_stop_strings=args.max_stop_strings,
         max_waiting_requests=args.max_waiting_requests or None,
     )

@@ -1,4 +1,4 @@
-"""GET /metrics: Prometheus' text exposition format (version 0.0.4), written by hand.
+"""GET /metrics: Prometheus' text exposition format, written by ``prometheus_client``.
 
 vLLM's metric names under an ``hwlm:`` prefix, each labelled with ``model_name``:
 
@@ -8,93 +8,131 @@ vLLM's metric names under an ``hwlm:`` prefix, each labelled with ``model_name``
   ``request_success_total`` (labelled ``finished_reason``: stop, length, abort);
 - histograms: ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
   ``e2e_request_latency_seconds``.
+
+Nothing is counted here: the engine keeps the totals, and a ``ServingCollector`` turns a snapshot
+of them into metric families at scrape time. So the page reads the same whether the stats come
+from a thread of this process or, later, as messages from an engine process. Each app has its own
+``CollectorRegistry`` (not prometheus_client's global one), so several apps can share a process.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from hwlm.server.async_engine import EngineStats
 from hwlm.server.metrics import Histogram, MetricsSnapshot
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "hwlm:"
 FINISH_REASONS = ("stop", "length", "abort")
+LABELS = ["model_name"]
+
+# Always the classic text format (0.0.4), whatever the scraper's Accept header prefers: every
+# Prometheus reads it, and prometheus_client's OpenMetrics writer rewrites the ':' of our names.
+_encode, CONTENT_TYPE = choose_encoder("text/plain; version=0.0.4")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class ServingCollector(Collector):
+    """Every hwlm metric family, built from ``engine_stats()`` (scheduler and KV-cache gauges and
+    counters) and ``serving_stats()`` (request counters and latency histograms) at each scrape."""
+
+    def __init__(
+        self,
+        model_name: str,
+        engine_stats: Callable[[], EngineStats],
+        serving_stats: Callable[[], MetricsSnapshot],
+    ) -> None:
+        self._model = [model_name]
+        self._engine_stats = engine_stats
+        self._serving_stats = serving_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats, serving = self._engine_stats(), self._serving_stats()
+        yield self._gauge(
+            "num_requests_running", "Requests in the running batch.", stats.num_running
+        )
+        yield self._gauge("num_requests_waiting", "Requests waiting to run.", stats.num_waiting)
+        yield self._gauge(
+            "kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent used.", stats.kv_cache_usage
+        )
+        yield self._counter("prompt_tokens", "Prefill tokens processed.", serving.prompt_tokens)
+        yield self._counter(
+            "generation_tokens", "Generation tokens processed.", serving.generation_tokens
+        )
+        yield self._counter(
+            "prefix_cache_queries", "Prefix-cache queries, in tokens.", stats.prefix_cache_queries
+        )
+        yield self._counter(
+            "prefix_cache_hits", "Prefix-cache hits, in tokens.", stats.prefix_cache_hits
+        )
+        yield self._counter(
+            "num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions
+        )
+        yield self._finished(serving.finished)
+        yield self._histogram(
+            "time_to_first_token_seconds", "Time to first token in seconds.", serving.ttft
+        )
+        yield self._histogram(
+            "inter_token_latency_seconds", "Inter-token latency in seconds.", serving.itl
+        )
+        yield self._histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency in seconds.", serving.e2e
+        )
+
+    def _gauge(self, name: str, help_text: str, value: float) -> Metric:
+        family = GaugeMetricFamily(PREFIX + name, help_text, labels=LABELS)
+        family.add_metric(self._model, value)
+        return family
+
+    def _counter(self, name: str, help_text: str, value: float) -> Metric:
+        family = CounterMetricFamily(PREFIX + name, help_text, labels=LABELS)
+        family.add_metric(self._model, value)
+        return family
+
+    def _finished(self, finished: dict[str, int]) -> Metric:
+        """Finished requests by reason; the usual reasons appear even before they occur."""
+        family = CounterMetricFamily(
+            PREFIX + "request_success",
+            "Finished requests, by finish reason.",
+            labels=[*LABELS, "finished_reason"],
+        )
+        for reason in [*FINISH_REASONS, *sorted(set(finished) - set(FINISH_REASONS))]:
+            family.add_metric([*self._model, reason], finished.get(reason, 0))
+        return family
+
+    def _histogram(self, name: str, help_text: str, hist: Histogram) -> Metric:
+        family = HistogramMetricFamily(PREFIX + name, help_text, labels=LABELS)
+        buckets = [(_le(bound), count) for bound, count in hist.cumulative()]
+        family.add_metric(self._model, buckets, hist.sum)
+        return family
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label, spelled as Prometheus' own clients do ("0.5", "10.0", "+Inf")."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def metrics_registry(
+    model_name: str,
+    engine_stats: Callable[[], EngineStats],
+    serving_stats: Callable[[], MetricsSnapshot],
+) -> CollectorRegistry:
+    """A private registry holding one ``ServingCollector``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServingCollector(model_name, engine_stats, serving_stats))
+    return registry
 
 
-class _Writer:
-    def __init__(self, model_name: str) -> None:
-        self.base = {"model_name": model_name}
-        self.lines: list[str] = []
-
-    def header(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        self.lines.append(f"# TYPE {PREFIX}{name} {kind}")
-
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        self.lines.append(f"{PREFIX}{name}{_labels({**self.base, **labels})} {_number(value)}")
-
-    def scalar(self, name: str, kind: str, help_text: str, value: float) -> None:
-        self.header(name, kind, help_text)
-        self.sample(name, value)
-
-    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
-        self.header(name, "histogram", help_text)
-        for bound, count in hist.cumulative():
-            self.sample(f"{name}_bucket", count, le=_number(bound))
-        self.sample(f"{name}_sum", hist.sum)
-        self.sample(f"{name}_count", hist.count)
-
-
-def render_metrics(stats: EngineStats, metrics: MetricsSnapshot, model_name: str) -> str:
-    """The whole /metrics page."""
-    w = _Writer(model_name)
-    w.scalar("num_requests_running", "gauge", "Requests in the running batch.", stats.num_running)
-    w.scalar("num_requests_waiting", "gauge", "Requests waiting to run.", stats.num_waiting)
-    w.scalar(
-        "kv_cache_usage_perc", "gauge", "KV-cache usage: 1 means 100 percent used.",
-        stats.kv_cache_usage,
-    )  # fmt: skip
-    w.scalar("prompt_tokens_total", "counter", "Prefill tokens processed.", metrics.prompt_tokens)
-    w.scalar(
-        "generation_tokens_total", "counter", "Generation tokens processed.",
-        metrics.generation_tokens,
-    )  # fmt: skip
-    w.scalar(
-        "prefix_cache_queries_total", "counter", "Prefix-cache queries, in tokens.",
-        stats.prefix_cache_queries,
-    )  # fmt: skip
-    w.scalar(
-        "prefix_cache_hits_total", "counter", "Prefix-cache hits, in tokens.",
-        stats.prefix_cache_hits,
-    )  # fmt: skip
-    w.scalar(
-        "num_preemptions_total", "counter", "Cumulative number of preemptions.",
-        stats.num_preemptions,
-    )  # fmt: skip
-    w.header("request_success_total", "counter", "Finished requests, by finish reason.")
-    reasons = [*FINISH_REASONS, *sorted(set(metrics.finished) - set(FINISH_REASONS))]
-    for reason in reasons:
-        w.sample("request_success_total", metrics.finished.get(reason, 0), finished_reason=reason)
-    w.histogram("time_to_first_token_seconds", "Time to first token in seconds.", metrics.ttft)
-    w.histogram("inter_token_latency_seconds", "Inter-token latency in seconds.", metrics.itl)
-    w.histogram(
-        "e2e_request_latency_seconds", "End-to-end request latency in seconds.", metrics.e2e
-    )
-    return "\n".join(w.lines) + "\n"
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The /metrics page of ``registry``, to be sent with ``CONTENT_TYPE``."""
+    return _encode(registry)

@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from hwlm.sampling_params import SamplingParams
 
-MAX_LOGPROBS = 20  # the most top logprobs one token may ask for (OpenAI's limit)
-
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

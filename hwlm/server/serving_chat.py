@@ -57,7 +57,8 @@ async def create_chat_completion(
     check_model(request.model, served_model_name)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError("top_logprobs needs logprobs to be true", param="top_logprobs")
-    check_logprobs(request.top_logprobs, "top_logprobs")
+    check_logprobs(request.top_logprobs, "top_logprobs", engine.max_logprobs)
+    check_logprobs(request.prompt_logprobs, "prompt_logprobs", engine.max_logprobs, True)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     max_tokens = request.max_completion_tokens
     if max_tokens is None:

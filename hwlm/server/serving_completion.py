@@ -85,7 +85,8 @@ async def create_completion(
     engine: AsyncLLMEngine, served_model_name: str, request: CompletionRequest, raw: Request
 ) -> Response:
     check_model(request.model, served_model_name)
-    check_logprobs(request.logprobs, "logprobs")
+    check_logprobs(request.logprobs, "logprobs", engine.max_logprobs)
+    check_logprobs(request.prompt_logprobs, "prompt_logprobs", engine.max_logprobs, True)
     if echo_only(request) and request.stream:
         raise APIError("max_tokens=0 (echo only) needs stream=false", param="max_tokens")
     max_tokens = 1 if echo_only(request) else request.max_tokens  # the token is dropped

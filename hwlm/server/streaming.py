@@ -13,7 +13,7 @@ from fastapi import Request
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, PromptType, RequestStream
-from hwlm.server.errors import APIError, ClientDisconnected
+from hwlm.server.errors import ClientDisconnected, invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ async def add_requests(
     if errors:
         abort_all(streams)
         if isinstance(errors[0], ValueError):
-            raise APIError(str(errors[0]), 400, param=param) from errors[0]
+            raise invalid_request(errors[0], default=param) from errors[0]
         raise errors[0]
     return streams
 

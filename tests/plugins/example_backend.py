@@ -3,15 +3,19 @@ that the conformance suite must catch.
 
 ``ExampleBackend`` implements the interface in a few lines of vectorised torch. The wrong ones
 each break one contract: attention that ignores the block table, a write_kv that writes next to
-its slots, and a plugin written for another interface version.
+its slots, and a plugin written for another interface version. ``AcceleratorLike`` answers the
+device-policy members as an accelerator would (``tests/test_backend_policy.py``).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, ProbeResult
+from hwlm.engine.transfer import HostCopy
 from hwlm.kernels import reference
 
 
@@ -26,7 +30,13 @@ class ExampleBackend(Backend):
     def memory_budget(self, memory_utilization: float) -> int:
         return int(memory_utilization * (256 << 20))
 
-    def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
         keep = slot_mapping >= 0
         flat[0, slot_mapping[keep]] = key[keep]
@@ -35,7 +45,9 @@ class ExampleBackend(Backend):
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        out = reference.paged_attention(query.float(), kv_cache.float(), metadata, scale)
+        out: torch.Tensor = reference.paged_attention(
+            query.float(), kv_cache.float(), metadata, scale
+        )
         return out.to(query.dtype)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
@@ -79,11 +91,52 @@ class OldInterface(ExampleBackend):
     interface_version = 0
 
 
+class AcceleratorLike(ExampleBackend):
+    """Answers the device-policy members unlike the CPU, as a plugin for an accelerator would:
+    overlapped steps, a warm-up step as large as the scheduler allows before the memory budget,
+    its own default token budgets. Its device is still the CPU, so its copies are the default
+    ones, but it counts them, and records the tokens of every attention call (one per layer)."""
+
+    name = "example-accelerator"
+    overlap_steps = True
+    profile_memory_with_warm_up = True
+    TOKEN_BUDGETS: ClassVar[dict[bool, int]] = {True: 96, False: 40}  # offline: budget
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploads = 0
+        self.host_copies = 0
+        self.attention_tokens: list[int] = []
+        self.tokens_before_budget: list[int] | None = None
+
+    def default_max_num_batched_tokens(self, offline: bool) -> int:
+        return self.TOKEN_BUDGETS[offline]
+
+    def memory_budget(self, memory_utilization: float) -> int:
+        self.tokens_before_budget = list(self.attention_tokens)
+        return super().memory_budget(memory_utilization)
+
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        self.attention_tokens.append(query.shape[0])
+        return super().attention(query, kv_cache, metadata, scale)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        self.uploads += 1
+        return super().upload(host)
+
+    def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
+        self.host_copies += 1
+        return super().start_host_copy(tensors)
+
+
 ENTRY_POINTS = {
     "example": "tests.plugins.example_backend:ExampleBackend",
     "example-no-block-table": "tests.plugins.example_backend:IgnoresBlockTable",
     "example-bad-write": "tests.plugins.example_backend:WritesOutsideSlots",
     "example-old": "tests.plugins.example_backend:OldInterface",
+    "example-accelerator": "tests.plugins.example_backend:AcceleratorLike",
 }
 
 

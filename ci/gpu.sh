@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of docs/benchmarks.md in one go (the H100 device machine has
-# torch, triton, transformers and pytest but no network; hwlm runs from this source checkout).
+# The GPU checks and benchmarks of docs/benchmarks.md in one go. The GPU machine (one H200) has
+# torch, triton, transformers, aiohttp and pytest but no network: hwlm is installed from this
+# checkout with the machine's own setuptools (no build isolation, which would download one), and
+# the server's pure-Python dependencies (fastapi, uvicorn, pydantic, ...) come as wheels in .whl/.
 #
-#   bash ci/gpu_h100.sh check   # conformance suite (e2e + ops) and engine tests with --device cuda
-#   bash ci/gpu_h100.sh bench   # G3 (with transformers), G2, G1
-#   bash ci/gpu_h100.sh prof    # whole-workload and decode-step profiles
-#   bash ci/gpu_h100.sh e2e g3  # any of: e2e engine ops g3 g2 g1 wl3 wl2 profile3 profile; or all
+#   bash ci/gpu.sh check   # conformance suite (e2e + ops) and engine tests with --device cuda
+#   bash ci/gpu.sh bench   # G3 (with transformers), G2, G1
+#   bash ci/gpu.sh serve   # S1 and S2 through `hwlm serve`, with the load generator's ceiling
+#   bash ci/gpu.sh prof    # whole-workload and decode-step profiles
+#   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 s1 s2 wl3 wl2 profile3 profile; all
 #
 # Logs and the support-matrix column go to $OUT (default /tmp/hwlm-gpu).
 set -u
 OUT=${OUT:-/tmp/hwlm-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=python3
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$py -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
     local name=$1 limit=$2
@@ -26,19 +34,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 
-bench="$py -m hwlm.cli --log-level info bench throughput --device cuda"
+bench="hwlm --log-level info bench throughput --device cuda"
 args=" $* "
 run_if() { local name=$1; shift; [[ "$args" == *" $name "* || "$args" == *" all "* ||
     ("$args" == *" check "* && " e2e engine ops " == *" $name "*) ||
     ("$args" == *" bench "* && " g3 g2 g1 " == *" $name "*) ||
+    ("$args" == *" serve "* && " s1 s2 " == *" $name "*) ||
     ("$args" == *" prof "* && " wl3 wl2 profile3 profile " == *" $name "*) ]] && step "$name" "$@"; }
 
-# The op grid compiles a few hundred kernel variants: with pytest-xdist (its wheels carried in
-# .whl/, the machine has no network) 16 workers compile them in parallel.
+# The op grid compiles a few hundred kernel variants: pytest-xdist's 16 workers compile them in
+# parallel.
 XDIST=""
-if ls .whl/pytest_xdist-*.whl >/dev/null 2>&1; then
-    $py -m pip install -q --no-deps .whl/*.whl && XDIST="-n 16"
-fi
+$py -c "import xdist" 2>/dev/null && XDIST="-n 16"
 cp docs/support-matrix.md "$OUT/support-matrix.md"
 run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
 run_if engine 240 $py -m pytest -q tests/test_async_scheduling.py tests/test_decode_runner.py \
