@@ -10,6 +10,9 @@
 #   bash ci/gpu.sh prof    # whole-workload and decode-step profiles
 #   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 s1 s2 wl3 wl2 profile3 profile; all
 #
+# REPEATS overrides the benchmarks' repeats, HF= drops G3's transformers baseline, OPS_LIMIT the
+# op grid's time limit (seconds).
+#
 # Logs and the support-matrix column go to $OUT (default /tmp/hwlm-gpu).
 set -u
 OUT=${OUT:-/tmp/hwlm-gpu}
@@ -50,11 +53,13 @@ cp docs/support-matrix.md "$OUT/support-matrix.md"
 run_if e2e 240 $py -m pytest -q -x tests/conformance/test_e2e_greedy.py --device cuda
 run_if engine 240 $py -m pytest -q tests/test_async_scheduling.py tests/test_decode_runner.py \
     --device cuda
-run_if ops 480 $py -m pytest -q $XDIST tests/conformance/test_ops.py --device cuda \
+run_if ops ${OPS_LIMIT:-480} $py -m pytest -q $XDIST tests/conformance/test_ops.py --device cuda \
     --support-matrix "$OUT/support-matrix.md"
-run_if g3 300 $bench --workload g3 --compare-hf --repeats 3 --output-json "$OUT/g3.json"
-run_if g2 150 $bench --workload g2 --repeats 3 --output-json "$OUT/g2.json"
-run_if g1 150 $bench --workload g1 --repeats 2 --output-json "$OUT/g1.json"
+run_if g3 300 $bench --workload g3 ${HF---compare-hf} --repeats ${REPEATS:-3} --output-json "$OUT/g3.json"
+run_if g2 150 $bench --workload g2 --repeats ${REPEATS:-3} --output-json "$OUT/g2.json"
+run_if g1 150 $bench --workload g1 --repeats ${REPEATS:-2} --output-json "$OUT/g1.json"
+run_if s1 200 env DEVICE=cuda MODEL=qwen2.5-0.5b RATE=20 CLIENT_PROCESSES=2 OUT="$OUT" bash ci/s1.sh
+run_if s2 300 env DEVICE=cuda OUT="$OUT" bash ci/s2.sh
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
 run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
 run_if wl3 150 $py ci/profile_workload.py --workload g3 --runs 3

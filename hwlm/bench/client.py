@@ -8,6 +8,8 @@ between the next ones the inter-token latencies (events that arrive in one read 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,13 +23,18 @@ try:
 
     loads: Callable[[bytes], Any] = orjson.loads
     dumps: Callable[[Any], bytes] = orjson.dumps
+    HAVE_ORJSON = True
 except ImportError:  # pragma: no cover - orjson is in the bench extra
     import json
 
     loads = json.loads
+    HAVE_ORJSON = False
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
+
+
+logger = logging.getLogger(__name__)
 
 
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -76,7 +83,14 @@ def import_aiohttp() -> Any:
         raise ValueError(
             "hwlm bench serve needs aiohttp: pip install 'hwlm[bench]' (or aiohttp orjson)"
         ) from exc
+    _warn_without_orjson()
     return aiohttp
+
+
+@functools.cache
+def _warn_without_orjson() -> None:
+    if not HAVE_ORJSON:  # measured: a client process reads ~20-40% fewer events a second
+        logger.warning("orjson is not installed: events are parsed with the json module, slower")
 
 
 @asynccontextmanager

@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     settings = StandinSettings(args.served_model_name, args.token_interval_ms / 1000)
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the processes are stopped too
     with StandinServer(args.host, args.port, args.processes, settings) as url:
-        print(f"stand-in OpenAI server on {url} ({args.processes} processes); Ctrl-C stops it")
+        print(f"stand-in OpenAI server on {url}, {args.processes} process(es); Ctrl-C stops it")
         try:
             while True:
                 signal.pause()
