@@ -49,7 +49,7 @@ LOAD = dict(num_prompts=200, max_concurrency=64, abort_fraction=0.25, input_len=
 # The server's resident memory may grow by at most this much from the end of round 1 to the end
 # of round 3 (round 1 warms allocator pools, JIT caches and connection buffers).
 RSS_TOLERANCE = 16 * 2**20
-WARM_ROUNDS = 5
+WARM_ROUNDS = 12
 
 
 def _serve(device: str, limits: ServerLimits | None = None, **engine_args: Any) -> Any:
@@ -140,8 +140,9 @@ def test_load_with_aborts_is_correct_frees_every_block_and_keeps_memory_flat(
     process = psutil.Process(load_server.proc.pid)
     rss: list[int] = []
     # oneDNN keeps a kernel per batch shape it meets (a bounded set: backends/cpu_linear.py), so
-    # memory rises over the first rounds and then levels off (measured: 527, 566, 583, 591, 602,
-    # 607, 607, 611 MiB); the last three of WARM_ROUNDS + 3 rounds must stay flat.
+    # memory rises over the first rounds and then levels off; how soon depends on which batch
+    # shapes the rounds happen to meet (measured, 2026-12-03: 516, 538, 553, 555, 572, 577, 573,
+    # 580, 590, 593, 596, 598, 599, 599, 599, 601, 598 MiB). The last three rounds must stay flat.
     for _ in range(WARM_ROUNDS + 3):
         bench = BenchConfig(base_url=load_server.url, seed=0, **config)
         result = asyncio.run(run_benchmark(bench))
