@@ -181,7 +181,7 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, text, self.eos_token_ids)
         seq.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [], vocab)
         seq.stream = stream
-        if stream or params.stop_strings:
+        if params.stop_strings or (stream and params.detokenize):  # text to check or stream
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
             )
