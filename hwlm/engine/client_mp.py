@@ -1,0 +1,235 @@
+"""MultiProcessEngineClient: the engine core in its own process, over ZeroMQ.
+
+The client binds two sockets on ipc:// paths in a private temporary folder (PUSH for
+``EngineInput``, PULL for ``EngineOutput``), starts ``hwlm.engine.core_process`` with the spawn
+method (numba's OpenMP and CUDA must not be forked) and waits for its ``EngineInfo``. From the
+first request on, a task on the client's event loop reads the engine's messages and routes them
+to the request streams.
+
+Failures: the process's sentinel is watched on the event loop, so if the engine dies (even by
+SIGKILL), every in-flight request fails with ``EngineDeadError`` within a moment (after any
+messages it sent before dying are delivered), ``is_healthy()`` turns False and later requests are
+refused. If this process dies, the engine notices and exits by itself (``core_process``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, TypeVar
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from hwlm.engine.client import EngineClient
+from hwlm.engine.client_stream import EngineDeadError, EngineStartupError
+from hwlm.engine.core_process import run_engine_core
+from hwlm.engine.messages import EngineInfo, EngineInput, Shutdown, StartupFailed, output_decoder
+from hwlm.engine_args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 1800.0  # seconds: a download and a first compile can be slow
+EXIT_GRACE = 0.1  # seconds to deliver what a dead engine sent before failing its requests
+
+_S = TypeVar("_S", bound=zmq.Socket[Any])
+
+
+class _EngineProcess:
+    """The spawned engine core and the two sockets to it (used from one thread at a time)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.folder = tempfile.mkdtemp(prefix="hwlm-engine-")
+        self.context = zmq.Context()
+        self.input: zmq.Socket[bytes] = self._bind(self.context.socket(zmq.PUSH), "input")
+        # Read on the event loop; the sync shadow (which does not own it) serves the handshake.
+        self.output = self._bind(zmq.asyncio.Socket(self.context, zmq.PULL), "output")
+        self.output_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.output.underlying)
+        spawn = multiprocessing.get_context("spawn")
+        self.process = spawn.Process(
+            target=run_engine_core,
+            args=(
+                msgspec.msgpack.encode(args),
+                self._address("input"),
+                self._address("output"),
+                logging.getLogger().getEffectiveLevel(),
+            ),
+            name="hwlm::engine",
+            daemon=True,  # terminated when this interpreter exits normally
+        )
+        self.process.start()
+
+    def _address(self, name: str) -> str:
+        return f"ipc://{self.folder}/{name}"
+
+    def _bind(self, sock: _S, name: str) -> _S:
+        sock.setsockopt(zmq.SNDHWM, 0)  # unbounded queues: a send never blocks
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self._address(name))
+        return sock
+
+    def handshake(self, timeout: float) -> EngineInfo:
+        """Wait for the engine's ``EngineInfo``; raise what stopped it otherwise."""
+        decoder = output_decoder()
+        poller = zmq.Poller()
+        poller.register(self.output_sync, zmq.POLLIN)
+        poller.register(self.process.sentinel, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(int(min(left, 1.0) * 1000)))
+            if self.output_sync in events:
+                message = decoder.decode(self.output_sync.recv())
+                if isinstance(message, EngineInfo):
+                    return message
+                if isinstance(message, StartupFailed):
+                    self.process.join(5)
+                    if message.error_type == "ValueError":
+                        raise ValueError(message.message)
+                    raise EngineStartupError(f"{message.error_type}: {message.message}")
+            elif self.process.sentinel in events:
+                code = self.process.exitcode
+                raise EngineStartupError(f"the engine process exited with code {code} at start-up")
+        raise EngineStartupError(f"the engine did not start within {timeout:.0f}s")
+
+    def stop(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the process to exit, then kill it."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            logger.warning("the engine process did not exit within %.0fs; killing it", timeout)
+            self.process.kill()
+            self.process.join(5)
+
+    def close(self) -> None:
+        """Close the sockets (``output`` on the event loop's thread, if one still runs it)."""
+        self.input.close(linger=0)
+        self.output.close(linger=0)
+        self.context.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class MultiProcessEngineClient(EngineClient):
+    """Starts the engine core process for ``args`` and waits (up to ``start_timeout``
+    seconds) until it is built and warmed up. A bad setting raises ValueError with the engine's
+    one-line message; other start-up failures raise ``EngineStartupError``."""
+
+    def __init__(self, args: EngineArgs, *, start_timeout: float = START_TIMEOUT) -> None:
+        engine = _EngineProcess(args)
+        try:
+            info = engine.handshake(start_timeout)
+        except BaseException:
+            engine.stop(0)
+            engine.close()
+            raise
+        super().__init__(info)
+        self._engine = engine
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = output_decoder()
+        self._send_lock = threading.RLock()  # shutdown may come from another thread
+        self._reader: asyncio.Task[None] | None = None
+        self._exited = False  # the process's exit was seen on the event loop
+        self._closing = False  # shutdown began
+        self._closed = False  # shutdown finished: the sockets are closed
+
+    @property
+    def pid(self) -> int:
+        """The engine process's id."""
+        return self.info.pid
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._send_lock:
+            if not self._closing:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._engine.input.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
+                self._closing = True
+        self._fail_all(EngineDeadError("the engine is shut down"))
+        if timeout <= 0 or self._closed:
+            return
+        self._engine.stop(timeout)
+        self._detach()
+        with self._send_lock:
+            self._closed = True
+            self._engine.close()
+
+    # Transport --------------------------------------------------------------------------------
+
+    def _send(self, message: EngineInput) -> None:
+        with self._send_lock:
+            if self._closing:
+                raise EngineDeadError(str(self._error or "the engine is shut down"))
+            try:
+                self._engine.input.send(self._encoder.encode(message), zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # zmq.Again: no engine at the other end any more
+                raise EngineDeadError(f"the engine process cannot be reached: {exc}") from exc
+
+    def _alive(self) -> bool:
+        return not self._exited and self._engine.process.exitcode is None
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._reader = loop.create_task(self._read_outputs(self._engine.output))
+        loop.add_reader(self._engine.process.sentinel, self._on_process_exit)
+
+    async def _read_outputs(self, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frame = await sock.recv(copy=False)
+                self._dispatch(self._decoder.decode(frame.buffer))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("reading the engine's messages failed")
+            self._fail_all(EngineDeadError(f"lost the engine's messages: {exc!r}"))
+
+    def _on_process_exit(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self._engine.process.sentinel)
+        self._exited = True
+        if not self._closing:
+            self._loop.call_later(EXIT_GRACE, self._after_exit)
+
+    def _after_exit(self) -> None:
+        """The engine process has died: deliver what it sent, then fail the rest."""
+        if self._closing:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            while True:
+                self._dispatch(self._decoder.decode(self._engine.output_sync.recv(zmq.NOBLOCK)))
+        if self._reader is not None:
+            self._reader.cancel()
+        code = self._engine.process.exitcode
+        self._fail_all(EngineDeadError(f"the engine process exited unexpectedly (code {code})"))
+
+    def _detach(self) -> None:
+        """Stop reading on the event loop (on its thread), so the sockets can be closed."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if self._on_loop_thread() or not loop.is_running():
+            self._detach_now()
+            return
+        future = asyncio.run_coroutine_threadsafe(self._detach_async(), loop)
+        try:
+            future.result(timeout=5)
+        except Exception:
+            logger.warning("could not stop reading the engine's messages on the event loop")
+
+    async def _detach_async(self) -> None:
+        self._detach_now()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    def _detach_now(self) -> None:
+        assert self._loop is not None
+        if self._reader is not None:
+            self._reader.cancel()
+        if not self._exited:
+            self._loop.remove_reader(self._engine.process.sentinel)
+        self._engine.output.close(linger=0)  # unregisters it from the event loop
