@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import logging
 import os
 import signal
@@ -174,10 +175,13 @@ def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _Signa
             cors_settings(args),
             chat_template=chat_template,
         )
+        loop, http = event_loop_and_http_parser()
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
+            loop=loop,
+            http=http,
             log_level=args.uvicorn_log_level,
             timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
         )
@@ -199,6 +203,15 @@ def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _Signa
     finally:
         engine.shutdown()
         logger.info("server stopped")
+
+
+def event_loop_and_http_parser() -> tuple[str, str]:
+    """uvicorn's fastest event loop and HTTP parser of those installed (the server extra brings
+    uvloop and httptools; without them asyncio's loop and h11)."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    logger.info("uvicorn: %s event loop, %s HTTP parser", loop, http)
+    return loop, http
 
 
 def _make_server(uvicorn: Any, config: Any, engine: Any, app: Any) -> Any:

@@ -18,8 +18,12 @@ from hwlm.server.admission import ServerLimits, check_capacity, check_request, n
 from hwlm.server.async_engine import AsyncLLMEngine
 from hwlm.server.auth import APIKeyMiddleware
 from hwlm.server.body_limit import BodySizeLimitMiddleware
+from hwlm.server.chat import ChatShape
+from hwlm.server.completions import CompletionShape
 from hwlm.server.cors import CORSSettings, install_cors
+from hwlm.server.engine_seam import EngineSeam
 from hwlm.server.errors import APIError, install_error_handlers
+from hwlm.server.pipeline import serve_generation
 from hwlm.server.prometheus import CONTENT_TYPE, metrics_registry, render_metrics
 from hwlm.server.protocol import (
     ChatCompletionRequest,
@@ -27,10 +31,9 @@ from hwlm.server.protocol import (
     DetokenizeRequest,
     ModelCard,
     ModelList,
+    SamplingRequest,
     TokenizeRequest,
 )
-from hwlm.server.serving_chat import create_chat_completion
-from hwlm.server.serving_completion import create_completion
 from hwlm.server.serving_tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -55,18 +58,19 @@ def build_app(
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     install_cors(app, cors)  # outermost: preflights and error responses get CORS headers too
     app.state.engine = engine
+    seam = EngineSeam(engine)  # the routes reach the engine only through this
     app.state.served_model_name = served_model_name
     app.state.limits = limits
     app.state.draining = False
 
-    def admit(request: CompletionRequest | ChatCompletionRequest) -> None:
+    def admit(request: SamplingRequest) -> None:
         check_request(request, limits)
-        waiting = engine.num_waiting_requests()
+        waiting = seam.num_waiting_requests()
         check_capacity(waiting, limits, app.state.draining, num_prompts(request))
 
     @app.get("/health")
     async def health() -> Response:
-        if not engine.is_healthy():
+        if not seam.is_healthy():
             raise APIError("the engine is dead", 503)
         return Response(status_code=200)
 
@@ -74,9 +78,7 @@ def build_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": hwlm.__version__})
 
-    registry = metrics_registry(
-        served_model_name, lambda: engine.stats_snapshot(), lambda: engine.metrics.snapshot()
-    )  # looked up at each scrape
+    registry = metrics_registry(served_model_name, seam.stats_snapshot, seam.metrics_snapshot)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -84,25 +86,25 @@ def build_app(
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = ModelCard(id=served_model_name, max_model_len=engine.max_model_len)
+        card = ModelCard(id=served_model_name, max_model_len=seam.max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:
-        admit(request)
-        return await create_completion(engine, served_model_name, request, raw)
+        shape = CompletionShape(request, served_model_name)
+        return await serve_generation(seam, shape, admit, raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
-        admit(request)
-        return await create_chat_completion(engine, served_model_name, request, raw, chat_template)
+        shape = ChatShape(request, served_model_name, chat_template)
+        return await serve_generation(seam, shape, admit, raw)
 
     @app.post("/tokenize")
     async def tokenize_route(request: TokenizeRequest) -> Response:
-        return await tokenize(engine, served_model_name, request, chat_template)
+        return await tokenize(seam, served_model_name, request, chat_template)
 
     @app.post("/detokenize")
     async def detokenize_route(request: DetokenizeRequest) -> Response:
-        return await detokenize(engine, served_model_name, request)
+        return await detokenize(seam, served_model_name, request)
 
     return app

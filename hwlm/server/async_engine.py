@@ -148,6 +148,21 @@ class RequestStream:
             self._done = True
         return item
 
+    def take_pending(self) -> RequestOutput | None:
+        """The newest output already waiting, or None; never waits. Outputs are cumulative, so
+        the ones it passes over hold nothing the newest lacks. Raises the request's error if one
+        is waiting."""
+        newest: RequestOutput | None = None
+        while not self._done and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            assert isinstance(item, RequestOutput)
+            newest = item
+            self._done = item.finished
+        return newest
+
     def abort(self) -> None:
         """Stop the request if it is still running (idempotent, thread-safe, non-blocking)."""
         if not self._done:

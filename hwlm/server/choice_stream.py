@@ -1,18 +1,37 @@
-"""What each streamed choice still has to send.
+"""Choices from a request's outputs: what each choice still has to send.
 
 A request's outputs are cumulative (the whole text so far, per sample); a stream sends only what is
-new. One request may carry several choices: ``n`` samples per prompt, and for completions several
+new. One response may carry several choices: ``n`` samples per prompt, and for completions several
 prompts, so choice ``prompt_index * n + sample_index`` is tracked separately, and a choice that has
-finished is sent no more while its siblings continue.
+finished is sent no more while its siblings continue. Whatever arrived since a choice's last update
+goes into its next one, however many engine steps that spans.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hwlm.outputs import CompletionOutput, RequestOutput
-from hwlm.server.streaming import text_delta
+
+logger = logging.getLogger(__name__)
+
+
+def text_delta(sent: str, text: str) -> str:
+    """What to send after ``sent`` so that the client ends up with ``text``.
+
+    ``text`` normally extends ``sent``; if the final full decode differs from the incremental
+    text (it can around multi-byte characters), send what follows their common prefix."""
+    if text.startswith(sent):
+        return text[len(sent) :]
+    common = 0
+    for a, b in zip(sent, text, strict=False):
+        if a != b:
+            break
+        common += 1
+    logger.debug("streamed text diverged from the final text after %d characters", common)
+    return text[common:]
 
 
 @dataclass
@@ -26,14 +45,23 @@ class _Sent:
 
 @dataclass(frozen=True)
 class ChoiceUpdate:
-    """New content for one choice: ``delta`` text and tokens ``[start_token, len(token_ids))``."""
+    """New content for one choice: ``delta`` text and tokens ``[start_token, len(token_ids))``
+    of ``completion``, a sample of ``output``, the request of prompt ``prompt_index``."""
 
     index: int
+    prompt_index: int
+    output: RequestOutput
     completion: CompletionOutput
     delta: str
     start_token: int
     chars_before: int  # characters of this choice sent before ``delta``
     first: bool  # nothing was sent for this choice before
+
+
+def whole_choice(index: int, prompt_index: int, output: RequestOutput, sample: int) -> ChoiceUpdate:
+    """Sample ``sample`` of a finished ``output`` as one update (a non-streamed choice)."""
+    completion = output.outputs[sample]
+    return ChoiceUpdate(index, prompt_index, output, completion, completion.text, 0, 0, True)
 
 
 class ChoiceTracker:
@@ -56,7 +84,14 @@ class ChoiceTracker:
             if not (delta or completion.finish_reason or (new_tokens and self.token_updates)):
                 continue
             yield ChoiceUpdate(
-                index, completion, delta, sent.num_tokens, sent.chars, not sent.started
+                index,
+                prompt_index,
+                output,
+                completion,
+                delta,
+                sent.num_tokens,
+                sent.chars,
+                not sent.started,
             )
             sent.started = True
             sent.text, sent.num_tokens = completion.text, len(completion.token_ids)

@@ -8,7 +8,7 @@ from typing import Any
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.errors import APIError, invalid_request
-from hwlm.server.protocol import SamplingRequest, UsageInfo
+from hwlm.server.protocol import SamplingRequest
 
 
 def check_model(requested: str | None, served_model_name: str) -> None:
@@ -83,9 +83,16 @@ def sampling_params(
         raise invalid_request(exc, type(request).model_fields) from exc
 
 
-def usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
+def usage(outputs: Sequence[RequestOutput]) -> dict[str, int]:
+    """OpenAI's ``usage``: each prompt counted once, every sample's tokens."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+    return usage_counts(prompt, completion)
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,26 +1,22 @@
-"""The engine's per-token logprobs in OpenAI's two formats (completions and chat).
+"""The engine's logprobs as OpenAI's JSON (completions' and chat's formats, and vLLM's
+``prompt_logprobs``), built as plain dicts ready to encode.
 
 Each engine entry maps token id -> Logprob for the top-N tokens plus the sampled one (whose rank
-may exceed N). Decoded tokens are filled in by the engine thread; -inf becomes -9999.0 because
-JSON has no infinities.
+may exceed N). Decoded tokens are filled in by the engine; -inf becomes -9999.0 because JSON has
+no infinities.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from hwlm.outputs import Logprob, PromptLogprobs
-from hwlm.server.protocol import (
-    ChatLogprobs,
-    CompletionLogprobs,
-    PromptLogprob,
-    TokenLogprob,
-    TopLogprob,
-)
-from hwlm.server.protocol import PromptLogprobs as PromptLogprobsBody
 
 _FLOOR = -9999.0
+
+JSONDict = dict[str, Any]
 
 
 def _value(logprob: float) -> float:
@@ -31,10 +27,10 @@ def _token(lp: Logprob) -> str:
     return lp.decoded_token or ""
 
 
-def _top(entry: dict[int, Logprob], top_n: int) -> list[tuple[int, Logprob]]:
+def _top(entry: dict[int, Logprob], top_n: int) -> list[Logprob]:
     """The entry's top ``top_n`` tokens, most likely first."""
-    ranked = sorted(entry.items(), key=lambda item: item[1].rank)
-    return [(token_id, lp) for token_id, lp in ranked if lp.rank <= top_n]
+    ranked = sorted(entry.values(), key=lambda lp: lp.rank)
+    return [lp for lp in ranked if lp.rank <= top_n]
 
 
 def completion_logprobs(
@@ -43,60 +39,67 @@ def completion_logprobs(
     top_n: int,
     text_offset: int,
     unscored: dict[int, str] | None = None,
-) -> CompletionLogprobs:
+) -> JSONDict:
     """Completions' ``logprobs`` for these tokens; ``text_offset`` is where the first one starts
     in the choice's text. ``top_logprobs`` holds the top ``top_n`` plus the sampled token. A None
     entry (an echoed prompt's first token, which nothing predicts) gets null logprobs and its
     text from ``unscored``."""
-    out = CompletionLogprobs()
+    offsets: list[int] = []
+    values: list[float | None] = []
+    tokens: list[str] = []
+    tops: list[dict[str, float] | None] = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         if entry is None:
             token = (unscored or {}).get(token_id, "")
-            out.tokens.append(token)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            out.text_offset.append(text_offset)
-            text_offset += len(token)
-            continue
-        sampled = entry[token_id]
-        token = _token(sampled)
-        out.tokens.append(token)
-        out.token_logprobs.append(_value(sampled.logprob))
-        top = {_token(lp): _value(lp.logprob) for _, lp in _top(entry, top_n)}
-        top.setdefault(token, _value(sampled.logprob))
-        out.top_logprobs.append(top)
-        out.text_offset.append(text_offset)
+            value: float | None = None
+            top = None
+        else:
+            sampled = entry[token_id]
+            token, value = _token(sampled), _value(sampled.logprob)
+            top = {_token(lp): _value(lp.logprob) for lp in _top(entry, top_n)}
+            top.setdefault(token, value)
+        offsets.append(text_offset)
+        values.append(value)
+        tokens.append(token)
+        tops.append(top)
         text_offset += len(token)
-    return out
+    return {
+        "text_offset": offsets,
+        "token_logprobs": values,
+        "tokens": tokens,
+        "top_logprobs": tops,
+    }
+
+
+def concat_logprobs(first: JSONDict | None, second: JSONDict | None) -> JSONDict | None:
+    """Two runs of completions' ``logprobs`` as one (None: absent)."""
+    if first is None or second is None:
+        return first or second
+    return {key: first[key] + second[key] for key in first}
 
 
 def chat_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int
-) -> ChatLogprobs:
-    """Chat's ``logprobs.content`` for these tokens, each with its ``top_n`` alternatives."""
+    token_ids: Sequence[int], entries: Sequence[dict[int, Logprob]], top_n: int
+) -> JSONDict:
+    """Chat's ``logprobs`` for these tokens, each with its ``top_n`` alternatives."""
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         sampled = entry[token_id]
-        token = _token(sampled)
         content.append(
-            TokenLogprob(
-                token=token,
-                logprob=_value(sampled.logprob),
-                bytes=list(token.encode("utf-8")),
-                top_logprobs=[
-                    TopLogprob(
-                        token=_token(lp),
-                        logprob=_value(lp.logprob),
-                        bytes=list(_token(lp).encode("utf-8")),
-                    )
-                    for _, lp in _top(entry, top_n)
-                ],
-            )
+            {
+                **_chat_token(sampled),
+                "top_logprobs": [_chat_token(lp) for lp in _top(entry, top_n)],
+            }
         )
-    return ChatLogprobs(content=content)
+    return {"content": content}
 
 
-def prompt_logprobs(entries: PromptLogprobs | None) -> PromptLogprobsBody | None:
+def _chat_token(lp: Logprob) -> JSONDict:
+    token = _token(lp)
+    return {"token": token, "logprob": _value(lp.logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def prompt_logprobs(entries: PromptLogprobs | None) -> list[JSONDict | None] | None:
     """vLLM's ``prompt_logprobs`` field: per prompt token, None (the first) or token id ->
     logprob, rank and decoded token."""
     if entries is None:
@@ -105,9 +108,11 @@ def prompt_logprobs(entries: PromptLogprobs | None) -> PromptLogprobsBody | None
         None
         if entry is None
         else {
-            token_id: PromptLogprob(
-                logprob=_value(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
-            )
+            str(token_id): {
+                "logprob": _value(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
             for token_id, lp in entry.items()
         }
         for entry in entries

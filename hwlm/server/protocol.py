@@ -1,4 +1,6 @@
-"""Pydantic models of the OpenAI request and response bodies (with vLLM's extra fields).
+"""Pydantic models of the OpenAI request bodies (with vLLM's extra fields) and of the small
+response bodies; the generation responses are built as dicts by their endpoint shapes
+(``hwlm.server.completions``, ``hwlm.server.chat``).
 
 Unknown request fields are ignored, as OpenAI and vLLM do. Sampling fields go to ``SamplingParams``
 under vLLM's names; fields hwlm cannot honour (tools, suffix, ...) are accepted only at their
@@ -13,7 +15,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 from hwlm.sampling_params import SamplingParams
 
@@ -199,111 +201,6 @@ class TokenizeResponse(OpenAIModel):
 
 class DetokenizeResponse(OpenAIModel):
     prompt: str
-
-
-class UsageInfo(OpenAIModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class CompletionLogprobs(OpenAIModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class PromptLogprob(OpenAIModel):
-    """vLLM's ``prompt_logprobs`` entry (per prompt token: token id -> this)."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-PromptLogprobs = list[dict[int, PromptLogprob] | None]
-
-
-class CompletionChoice(OpenAIModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class CompletionResponse(OpenAIModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class TopLogprob(OpenAIModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(OpenAIModel):
-    content: list[TokenLogprob] | None = None
-
-
-class ChatResponseMessage(OpenAIModel):
-    role: str = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(OpenAIModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(OpenAIModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class DeltaMessage(OpenAIModel):
-    role: str | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class ChatStreamChoice(OpenAIModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(OpenAIModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
 
 
 class ModelCard(OpenAIModel):

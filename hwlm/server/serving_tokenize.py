@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from hwlm.server.async_engine import AsyncLLMEngine
 from hwlm.server.chat_utils import apply_chat_template
 from hwlm.server.common import check_model
+from hwlm.server.engine_seam import EngineSeam
 from hwlm.server.errors import APIError
 from hwlm.server.protocol import (
     DetokenizeRequest,
@@ -17,7 +17,7 @@ from hwlm.server.protocol import (
 
 
 async def tokenize(
-    engine: AsyncLLMEngine,
+    seam: EngineSeam,
     served_model_name: str,
     request: TokenizeRequest,
     chat_template: str | None = None,
@@ -29,30 +29,30 @@ async def tokenize(
         raise APIError("give exactly one of prompt and messages", param="prompt")
     if request.messages is not None:
         text = apply_chat_template(
-            engine.tokenizer, request.messages, request.add_generation_prompt, chat_template
+            seam.tokenizer, request.messages, request.add_generation_prompt, chat_template
         )
         special = bool(request.add_special_tokens)
     else:
         assert request.prompt is not None
         text = request.prompt
         special = request.add_special_tokens is not False
-    tokens = await engine.tokenize(text, add_special_tokens=special)
-    strs = await engine.token_strings(tokens) if request.return_token_strs else None
+    tokens = await seam.tokenize(text, add_special_tokens=special)
+    strs = await seam.token_strings(tokens) if request.return_token_strs else None
     body = TokenizeResponse(
-        count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs
+        count=len(tokens), max_model_len=seam.max_model_len, tokens=tokens, token_strs=strs
     )
     return JSONResponse(body.model_dump())
 
 
 async def detokenize(
-    engine: AsyncLLMEngine, served_model_name: str, request: DetokenizeRequest
+    seam: EngineSeam, served_model_name: str, request: DetokenizeRequest
 ) -> JSONResponse:
     check_model(request.model, served_model_name)
-    vocab = len(engine.tokenizer)
+    vocab = len(seam.tokenizer)
     bad = [t for t in request.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(
             f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens"
         )
-    text = await engine.detokenize(request.tokens)
+    text = await seam.detokenize(request.tokens)
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump())

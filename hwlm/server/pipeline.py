@@ -1,0 +1,107 @@
+"""The one path of a generation request through the server, for every API:
+
+parse (FastAPI, into ``hwlm.server.protocol``'s models) -> admit (limits, queue room) -> plan
+(the endpoint's shape: checks, prompts, parameters) -> submit (``EngineSeam``: one engine request
+per prompt) -> choices (``OutputFanIn`` merges the requests' outputs, ``ChoiceTracker`` finds what
+each choice has new) -> encode (the shape lays out each choice, ``hwlm.server.sse`` encodes it).
+
+A stream reads the engine's outputs only when it is ready to send: whatever piled up meanwhile
+goes out as one event. Leaving early -- a client that disconnects, mid-stream or while waiting
+for a non-streamed answer -- aborts every request of the response at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from hwlm.outputs import RequestOutput
+from hwlm.server.choice_stream import ChoiceTracker
+from hwlm.server.common import usage
+from hwlm.server.disconnect import cancel_on_disconnect
+from hwlm.server.endpoint import EndpointShape
+from hwlm.server.engine_seam import EngineDeadError, EngineSeam, OutputStream, abort_all
+from hwlm.server.errors import APIError, invalid_request
+from hwlm.server.fan_in import OutputFanIn
+from hwlm.server.protocol import SamplingRequest, now, random_id
+from hwlm.server.sse import SSE_DONE, ChunkEncoder, json_response, sse_event
+
+logger = logging.getLogger(__name__)
+
+Admit = Callable[[SamplingRequest], None]
+
+
+async def serve_generation(
+    seam: EngineSeam, shape: EndpointShape, admit: Admit, raw: Request
+) -> Response:
+    """Answer ``shape.request``: a JSON body, or server-sent events with ``stream``."""
+    request = shape.request
+    admit(request)
+    plan = await shape.plan(seam)
+    request_id = random_id(shape.id_prefix)
+    try:
+        streams = await seam.submit(request_id, plan.prompts, plan.params, stream=request.stream)
+    except ValueError as exc:  # the engine rejected a prompt or a parameter
+        raise invalid_request(exc, default=plan.param) from exc
+    logger.debug("%s: %d prompt(s), stream=%s", request_id, len(streams), request.stream)
+    try:
+        await shape.accepted(seam)
+    except BaseException:
+        abort_all(streams)
+        raise
+    if request.stream:
+        return StreamingResponse(
+            _events(shape, request_id, streams),
+            media_type="text/event-stream",
+            background=BackgroundTask(abort_all, streams),  # runs even if never iterated
+        )
+    try:
+        outputs = await cancel_on_disconnect(raw, _final_outputs(streams))
+    finally:
+        abort_all(streams)
+    body = {"id": request_id, "object": shape.object_name, "created": now(), "model": shape.model}
+    return json_response({**body, **shape.response(outputs)})
+
+
+async def _final_outputs(streams: list[OutputStream]) -> list[RequestOutput]:
+    fan_in = OutputFanIn(streams)
+    try:
+        return await fan_in.final_outputs()
+    finally:
+        fan_in.close()
+
+
+async def _events(
+    shape: EndpointShape, request_id: str, streams: list[OutputStream]
+) -> AsyncIterator[bytes]:
+    """The stream's events: one per choice with something new, each carrying everything that
+    choice has new; the usage (if asked for); an error event if the engine fails; [DONE]."""
+    request = shape.request
+    encoder = ChunkEncoder(
+        request_id, shape.chunk_object, now(), shape.model, request.include_usage
+    )
+    fan_in = OutputFanIn(streams)
+    tracker = ChoiceTracker(request.n, token_updates=shape.streams_every_token)
+    latest: dict[int, RequestOutput] = {}  # prompt index -> its newest output
+    try:
+        for choice in shape.opening_choices():
+            yield encoder.choice(choice)
+        while batch := await fan_in.next_outputs():
+            for prompt_index, output in batch:
+                latest[prompt_index] = output
+                for update in tracker.updates(prompt_index, output):
+                    yield encoder.choice(shape.chunk_choice(update))
+        if request.include_usage:
+            yield encoder.usage(usage([latest[i] for i in sorted(latest)]))
+    except EngineDeadError as exc:
+        yield sse_event(APIError(str(exc), 503).body())
+    except Exception:
+        logger.exception("%s: streaming failed", request_id)
+        yield sse_event(APIError("internal server error", 500).body())
+    finally:
+        fan_in.close()
+    yield SSE_DONE
