@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks of docs/benchmarks.md in one go. The GPU machine (one H200) has
 # torch, triton, transformers, aiohttp and pytest but no network: hwlm is installed from this
 # checkout with the machine's own setuptools (no build isolation, which would download one), and
-# the server's pure-Python dependencies (fastapi, uvicorn, pydantic, ...) come as wheels in .whl/.
+# the server's dependencies (fastapi, uvicorn, pydantic, pyzmq, msgspec, ...) come as wheels in
+# .whl/ (`bash ci/gpu_wheels.sh` downloads them here first).
 #
 #   bash ci/gpu.sh check   # conformance suite (e2e + ops) and engine tests with --device cuda
 #   bash ci/gpu.sh bench   # G3 (with transformers), G2, G1

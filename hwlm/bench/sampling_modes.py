@@ -1,5 +1,5 @@
-"""``--sampling`` for the throughput benchmark: greedy, or the random-sampling mix of issue 4's
-throughput criterion (temperature, top-p, top-k and a repetition penalty on every request), so
+"""``--sampling`` for the throughput benchmark: greedy, or a random-sampling mix (temperature,
+top-p, top-k and a repetition penalty on every request, as docs/benchmarks.md describes), so
 the cost of the sampler's full path can be compared with the greedy figure of the same workload."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from hwlm.engine_args import add_cli_args, cli_kwargs
 
 logger = logging.getLogger(__name__)
 
-# Named workloads of shared/benchmarks.md.
+# The named workloads of docs/benchmarks.md (C1 on CPUs, G1-G3 on GPUs).
 WORKLOADS: dict[str, dict[str, Any]] = {
     "c1": dict(
         model="c1-llama", num_prompts=32, input_len_min=32, input_len_max=256, output_len=64
