@@ -20,7 +20,6 @@ from collections import defaultdict
 import torch
 
 from hwlm import LLM, SamplingParams
-from hwlm.presets import TOKENIZER_DIR
 
 
 def main() -> None:
@@ -41,7 +40,6 @@ def profile(args: argparse.Namespace, eager: bool, overlap: bool) -> None:
         device="cuda",
         max_num_seqs=args.batch,
         max_model_len=args.context + 4 * args.steps + 8,
-        tokenizer=str(TOKENIZER_DIR),
         enforce_eager=eager,
         async_scheduling=overlap,
     )

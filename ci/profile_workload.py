@@ -15,7 +15,7 @@ import time
 
 from hwlm import LLM, SamplingParams
 from hwlm.bench.throughput import WORKLOADS, _output_lens, _prompts
-from hwlm.presets import TOKENIZER_DIR, get_preset
+from hwlm.presets import get_preset
 
 
 def main() -> None:
@@ -39,7 +39,6 @@ def main() -> None:
             load_format="dummy",
             device=cli.device,
             max_model_len=args.input_len_max + args.output_len + 1,
-            tokenizer=str(TOKENIZER_DIR),
             async_scheduling=overlap,
         )
         label = "overlapped steps" if overlap else "one step at a time"
