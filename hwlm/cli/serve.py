@@ -157,18 +157,16 @@ def _bound_socket(
 def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _SignalGuard) -> int:
     import uvicorn
 
-    from hwlm.engine.llm_engine import LLMEngine
     from hwlm.server.api import build_app
-    from hwlm.server.async_engine import AsyncLLMEngine
     from hwlm.server.chat_template import load_chat_template
 
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served_model_name = args.served_model_name or args.model
-    engine = AsyncLLMEngine(LLMEngine(from_cli_args(args)))
+    engine, seam = _build_engine(args)
     try:
         app = build_app(
-            engine,
+            seam,
             served_model_name,
             api_key,
             server_limits(args),
@@ -203,6 +201,28 @@ def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _Signa
     finally:
         engine.shutdown()
         logger.info("server stopped")
+
+
+def _build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The engine (what ``shutdown`` stops) and what ``build_app`` takes: an ``AsyncLLMEngine``
+    (the engine on a thread) for both, or with ``--engine-process`` a
+    ``MultiProcessEngineClient`` and a ``ProcessEngineSeam`` over it."""
+    if not getattr(args, "engine_process", False):
+        from hwlm.engine.llm_engine import LLMEngine
+        from hwlm.server.async_engine import AsyncLLMEngine
+
+        engine = AsyncLLMEngine(LLMEngine(from_cli_args(args)))
+        return engine, engine
+    from hwlm.engine.client_mp import MultiProcessEngineClient
+    from hwlm.server.engine_seam_mp import ProcessEngineSeam
+
+    client = MultiProcessEngineClient(from_cli_args(args))
+    logger.info("the engine core runs in process %d (hwlm::engine)", client.pid)
+    try:
+        return client, ProcessEngineSeam(client)
+    except BaseException:
+        client.shutdown()
+        raise
 
 
 def event_loop_and_http_parser() -> tuple[str, str]:

@@ -47,7 +47,10 @@ class _EngineProcess:
 
     def __init__(self, args: EngineArgs) -> None:
         self.folder = tempfile.mkdtemp(prefix="hwlm-engine-")
-        self.context = zmq.Context()
+        # The process-wide context, never this object's own: a context collected in the same
+        # garbage cycle as its sockets blocks forever in term() (pyzmq's __del__ finds no
+        # sockets left to close), and any later gc.collect() may do that collection.
+        self.context = zmq.Context.instance()
         self.input: zmq.Socket[bytes] = self._bind(self.context.socket(zmq.PUSH), "input")
         # Read on the event loop; the sync shadow (which does not own it) serves the handshake.
         self.output = self._bind(zmq.asyncio.Socket(self.context, zmq.PULL), "output")
@@ -111,7 +114,6 @@ class _EngineProcess:
         """Close the sockets (``output`` on the event loop's thread, if one still runs it)."""
         self.input.close(linger=0)
         self.output.close(linger=0)
-        self.context.term()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

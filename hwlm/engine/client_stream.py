@@ -84,6 +84,19 @@ class RequestStream:
             self._done = True
         return item
 
+    def next_nowait(self) -> RequestDelta | None:
+        """The next delta if one is already waiting, else None (never waits); raises the
+        request's error as ``__anext__`` would."""
+        if self._done or self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        assert isinstance(item, RequestDelta)
+        self._done = item.finished
+        return item
+
     def abort(self) -> None:
         """Stop the request if it is still running (idempotent, non-blocking)."""
         if not self._done:

@@ -16,7 +16,7 @@ from hwlm.server.common import (
     usage,
 )
 from hwlm.server.endpoint import RequestPlan
-from hwlm.server.engine_seam import EngineSeam, Prompt
+from hwlm.server.engine_seam import Prompt, Seam
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import chat_logprobs, prompt_logprobs
 from hwlm.server.protocol import ChatCompletionRequest
@@ -38,7 +38,7 @@ class ChatShape:
         self._top_n = (request.top_logprobs or 0) if request.logprobs else None
         self.streams_every_token = self._top_n is not None
 
-    async def plan(self, seam: EngineSeam) -> RequestPlan:
+    async def plan(self, seam: Seam) -> RequestPlan:
         request = self.request
         check_model(request.model, self.model)
         if request.top_logprobs is not None and not request.logprobs:
@@ -56,7 +56,7 @@ class ChatShape:
         check_context_length(len(token_ids), max_tokens, seam.max_model_len, "messages")
         return RequestPlan([Prompt(token_ids, text)], params, "messages")
 
-    async def accepted(self, seam: EngineSeam) -> None:
+    async def accepted(self, seam: Seam) -> None:
         return None
 
     def opening_choices(self) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from hwlm.server.common import (
     usage_counts,
 )
 from hwlm.server.endpoint import RequestPlan
-from hwlm.server.engine_seam import EngineSeam, Prompt
+from hwlm.server.engine_seam import Prompt, Seam
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import completion_logprobs, concat_logprobs, prompt_logprobs
 from hwlm.server.protocol import CompletionRequest
@@ -54,7 +54,7 @@ class CompletionShape:
         self._prompts: list[Prompt] = []
         self._echoes: list[_Echo] = []  # per prompt, with echo
 
-    async def plan(self, seam: EngineSeam) -> RequestPlan:
+    async def plan(self, seam: Seam) -> RequestPlan:
         request = self.request
         check_model(request.model, self.model)
         check_logprobs(request.logprobs, "logprobs", seam.max_logprobs)
@@ -69,7 +69,7 @@ class CompletionShape:
         self._prompts = prompts
         return RequestPlan(prompts, params, "prompt")
 
-    async def accepted(self, seam: EngineSeam) -> None:
+    async def accepted(self, seam: Seam) -> None:
         if self.request.echo:  # only now: a prompt the engine rejects may not detokenize
             with_logprobs = self.request.logprobs is not None
             echoes = (_echo(seam, p, with_logprobs) for p in self._prompts)
@@ -156,9 +156,7 @@ def _raw_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     return list(prompt)  # type: ignore[arg-type]
 
 
-async def _tokenized(
-    seam: EngineSeam, prompts: list[RawPrompt], max_tokens: int | None
-) -> list[Prompt]:
+async def _tokenized(seam: Seam, prompts: list[RawPrompt], max_tokens: int | None) -> list[Prompt]:
     """Each prompt with its token ids, after checking that it fits the context window."""
     texts = [p for p in prompts if isinstance(p, str)]
     token_ids = iter(await asyncio.gather(*(seam.tokenize(t) for t in texts)))
@@ -172,7 +170,7 @@ async def _tokenized(
     return out
 
 
-async def _echo(seam: EngineSeam, prompt: Prompt, with_logprobs: bool) -> _Echo:
+async def _echo(seam: Seam, prompt: Prompt, with_logprobs: bool) -> _Echo:
     text = prompt.text if prompt.text is not None else await seam.detokenize(prompt.token_ids)
     unscored = {}
     if with_logprobs and prompt.token_ids:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.choice_stream import ChoiceUpdate
-from hwlm.server.engine_seam import EngineSeam, Prompt
+from hwlm.server.engine_seam import Prompt, Seam
 from hwlm.server.protocol import SamplingRequest
 
 
@@ -42,10 +42,10 @@ class EndpointShape(Protocol):
     def request(self) -> SamplingRequest:
         """The parsed request."""
 
-    async def plan(self, seam: EngineSeam) -> RequestPlan:
+    async def plan(self, seam: Seam) -> RequestPlan:
         """Check the request (400s naming the field) and build its prompts and parameters."""
 
-    async def accepted(self, seam: EngineSeam) -> None:
+    async def accepted(self, seam: Seam) -> None:
         """Called once the engine has accepted every prompt, before any output is read: fetch
         what the choices need besides the outputs (completions: the echoed prompts' text)."""
 

@@ -3,7 +3,9 @@
 What the routes need is small: the model's limits and defaults, its tokenizer (for chat
 templates), tokenizing and detokenizing, the load (for admission, health and /metrics), and
 submitting requests, each answered by an ``OutputStream`` of cumulative ``RequestOutput``s.
-Only this module knows which engine object provides them (an ``AsyncLLMEngine`` today).
+``Seam`` is that interface; ``EngineSeam`` provides it over an ``AsyncLLMEngine`` (the engine on
+a thread, the default), ``hwlm.server.engine_seam_mp.ProcessEngineSeam`` over a
+``MultiProcessEngineClient`` (``hwlm serve --engine-process``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats, RequestStream
 from hwlm.server.metrics import MetricsSnapshot
 
-__all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "abort_all"]
+__all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "Seam", "abort_all"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,29 @@ class OutputStream(Protocol):
 def abort_all(streams: Sequence[OutputStream]) -> None:
     for stream in streams:
         stream.abort()
+
+
+class Seam(Protocol):
+    """The engine as the routes see it (``EngineSeam`` documents each member)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def max_logprobs(self) -> int: ...
+    @property
+    def sampling_defaults(self) -> dict[str, Any]: ...
+    def is_healthy(self) -> bool: ...
+    def num_waiting_requests(self) -> int: ...
+    def stats_snapshot(self) -> EngineStats: ...
+    def metrics_snapshot(self) -> MetricsSnapshot: ...
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    async def detokenize(self, token_ids: list[int]) -> str: ...
+    async def token_strings(self, token_ids: list[int]) -> list[str]: ...
+    async def submit(
+        self, base_id: str, prompts: Sequence[Prompt], params: SamplingParams, *, stream: bool
+    ) -> list[OutputStream]: ...
 
 
 class EngineSeam:

@@ -51,6 +51,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "--allow-credentials", action="store_true", help="allow cookies and auth headers"
     )
     parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine core in its own process (titled hwlm::engine), tokenization and "
+        "detokenization staying in the server's (default: the engine on a thread of the server)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,

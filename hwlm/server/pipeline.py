@@ -1,7 +1,7 @@
 """The one path of a generation request through the server, for every API:
 
 parse (FastAPI, into ``hwlm.server.protocol``'s models) -> admit (limits, queue room) -> plan
-(the endpoint's shape: checks, prompts, parameters) -> submit (``EngineSeam``: one engine request
+(the endpoint's shape: checks, prompts, parameters) -> submit (``Seam``: one engine request
 per prompt) -> choices (``OutputFanIn`` merges the requests' outputs, ``ChoiceTracker`` finds what
 each choice has new) -> encode (the shape lays out each choice, ``hwlm.server.sse`` encodes it).
 
@@ -24,7 +24,7 @@ from hwlm.server.choice_stream import ChoiceTracker
 from hwlm.server.common import usage
 from hwlm.server.disconnect import cancel_on_disconnect
 from hwlm.server.endpoint import EndpointShape
-from hwlm.server.engine_seam import EngineDeadError, EngineSeam, OutputStream, abort_all
+from hwlm.server.engine_seam import EngineDeadError, OutputStream, Seam, abort_all
 from hwlm.server.errors import APIError, invalid_request
 from hwlm.server.fan_in import OutputFanIn
 from hwlm.server.protocol import SamplingRequest, now, random_id
@@ -36,7 +36,7 @@ Admit = Callable[[SamplingRequest], None]
 
 
 async def serve_generation(
-    seam: EngineSeam, shape: EndpointShape, admit: Admit, raw: Request
+    seam: Seam, shape: EndpointShape, admit: Admit, raw: Request
 ) -> Response:
     """Answer ``shape.request``: a JSON body, or server-sent events with ``stream``."""
     request = shape.request

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 
 from hwlm.server.chat_utils import apply_chat_template
 from hwlm.server.common import check_model
-from hwlm.server.engine_seam import EngineSeam
+from hwlm.server.engine_seam import Seam
 from hwlm.server.errors import APIError
 from hwlm.server.protocol import (
     DetokenizeRequest,
@@ -17,7 +17,7 @@ from hwlm.server.protocol import (
 
 
 async def tokenize(
-    seam: EngineSeam,
+    seam: Seam,
     served_model_name: str,
     request: TokenizeRequest,
     chat_template: str | None = None,
@@ -45,7 +45,7 @@ async def tokenize(
 
 
 async def detokenize(
-    seam: EngineSeam, served_model_name: str, request: DetokenizeRequest
+    seam: Seam, served_model_name: str, request: DetokenizeRequest
 ) -> JSONResponse:
     check_model(request.model, served_model_name)
     vocab = len(seam.tokenizer)
