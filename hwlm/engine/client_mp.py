@@ -50,7 +50,7 @@ class _EngineProcess:
         # The process-wide context, never this object's own: a context collected in the same
         # garbage cycle as its sockets blocks forever in term() (pyzmq's __del__ finds no
         # sockets left to close), and any later gc.collect() may do that collection.
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.input: zmq.Socket[bytes] = self._bind(self.context.socket(zmq.PUSH), "input")
         # Read on the event loop; the sync shadow (which does not own it) serves the handshake.
         self.output = self._bind(zmq.asyncio.Socket(self.context, zmq.PULL), "output")
