@@ -22,6 +22,7 @@ from hwlm.server.chat import ChatShape
 from hwlm.server.completions import CompletionShape
 from hwlm.server.cors import CORSSettings, install_cors
 from hwlm.server.engine_seam import EngineSeam, Seam
+from hwlm.server.engine_seam_mp import ProcessEngineSeam
 from hwlm.server.errors import APIError, install_error_handlers
 from hwlm.server.pipeline import serve_generation
 from hwlm.server.prometheus import CONTENT_TYPE, metrics_registry, render_metrics
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_app(
-    engine: AsyncLLMEngine | Seam,
+    engine: AsyncLLMEngine | ProcessEngineSeam,
     served_model_name: str,
     api_key: str | None,
     limits: ServerLimits | None = None,
@@ -48,7 +49,7 @@ def build_app(
     chat_template: str | None = None,
 ) -> FastAPI:
     """The app; it does not own ``engine`` (whoever built the engine shuts it down), an
-    ``AsyncLLMEngine`` or any other ``Seam`` (``--engine-process``). Setting
+    ``AsyncLLMEngine`` or a ``ProcessEngineSeam`` (``--engine-process``). Setting
     ``app.state.draining`` makes new /v1 generation requests fail with 503 (shutdown).
     ``chat_template`` (Jinja text) replaces the tokenizer's own."""
     app = FastAPI(title="hwlm OpenAI-compatible server", version=hwlm.__version__)
@@ -60,7 +61,7 @@ def build_app(
     install_cors(app, cors)  # outermost: preflights and error responses get CORS headers too
     app.state.engine = engine
     # The routes reach the engine only through this.
-    seam = EngineSeam(engine) if isinstance(engine, AsyncLLMEngine) else engine
+    seam: Seam = engine if isinstance(engine, ProcessEngineSeam) else EngineSeam(engine)
     app.state.served_model_name = served_model_name
     app.state.limits = limits
     app.state.draining = False
