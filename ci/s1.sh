@@ -12,7 +12,8 @@ MODEL=${MODEL:-c1-llama}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-/tmp}
 read -r -a hwlm <<<"${HWLM:-hwlm}"
-"${hwlm[@]}" serve "$MODEL" --load-format dummy --device "$DEVICE" --max-model-len 1024 \
+read -r -a serve_flags <<<"${SERVE_FLAGS:-}"
+"${hwlm[@]}" serve "$MODEL" "${serve_flags[@]}" --load-format dummy --device "$DEVICE" --max-model-len 1024 \
     --port "$PORT" >"$OUT/hwlm-s1-server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server' EXIT

@@ -26,7 +26,8 @@ echo "== offline: hwlm bench throughput --workload $WORKLOAD (LLM.generate, medi
     --output-json "$OUT/s2-offline.json"
 
 echo "== served: hwlm serve $MODEL, $N streams at once, $CP client process(es)"
-"${hwlm[@]}" serve "$MODEL" --load-format dummy --device "$DEVICE" --port "$PORT" \
+read -r -a serve_flags <<<"${SERVE_FLAGS:-}"
+"${hwlm[@]}" serve "$MODEL" "${serve_flags[@]}" --load-format dummy --device "$DEVICE" --port "$PORT" \
     --max-model-len $((IN_MAX + OUT_LEN + 1)) --max-num-seqs 256 >"$OUT/hwlm-s2-server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server' EXIT

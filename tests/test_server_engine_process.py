@@ -1,7 +1,7 @@
-"""``hwlm serve --engine-process``: the server over the engine core in its own process.
+"""``hwlm serve``: the server over the engine core in its own process (the default).
 
-Real servers in subprocesses: the engine process exists under its title, answers equal the
-default server's (the engine on a thread), errors and /metrics read the same, a killed engine
+Real servers in subprocesses: the engine process exists under its title, answers equal those of
+the server with the engine on a thread (``--no-engine-process``), errors and /metrics read the same, a killed engine
 turns /health to 503 and ends in-flight streams with an error event, and SIGTERM stops both
 processes.
 """
@@ -23,7 +23,8 @@ from tests.server_helpers import parse_metrics, sse_events
 httpx = pytest.importorskip("httpx")
 
 BASE_ARGS = ["hwlm-tiny", "--device", "cpu"]
-MP_ARGS = [*BASE_ARGS, "--engine-process"]
+MP_ARGS = BASE_ARGS  # the default
+THREAD_ARGS = [*BASE_ARGS, "--no-engine-process"]
 ENGINE_TITLE = "hwlm::engine"
 
 
@@ -65,7 +66,7 @@ def mp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
 
 @pytest.fixture(scope="module")
 def thread_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(BASE_ARGS, tmp_path_factory.mktemp("thread") / "server.log") as server:
+    with ServerProcess(THREAD_ARGS, tmp_path_factory.mktemp("thread") / "server.log") as server:
         yield server
 
 

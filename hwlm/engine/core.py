@@ -32,12 +32,11 @@ from hwlm.engine.messages import (
     RequestError,
     StepOutputs,
 )
-from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import ParameterError, SamplingParams
 from hwlm.server.metrics import Histogram, ServingMetrics, finish_reason
 
 if TYPE_CHECKING:
-    from hwlm.engine.llm_engine import LLMEngine
+    from hwlm.engine.llm_engine import LLMEngine, RequestUpdate
     from hwlm.engine_args import EngineArgs
 
 logger = logging.getLogger(__name__)
@@ -118,8 +117,8 @@ class EngineCore:
         self._metrics.on_aborted(request_id)
 
     def _step(self) -> list[EngineOutput]:
-        outputs = self.engine.step()
-        self._record(outputs)
+        updates = self.engine.step_updates()
+        self._record(updates)
         messages: list[EngineOutput] = []
         for request_id, exc in self.engine.take_failed_requests():
             self._tracker.drop(request_id)
@@ -127,7 +126,7 @@ class EngineCore:
             messages.append(
                 RequestError(request_id, f"request {request_id} failed: {exc!r}", rejected=False)
             )
-        deltas = [d for o in outputs if (d := self._tracker.delta(o)) is not None]
+        deltas = [d for u in updates if (d := self._tracker.delta(u)) is not None]
         now = time.monotonic()
         ended = bool(messages) or any(d.finished for d in deltas)
         if ended or now - self._last_stats_time >= STATS_INTERVAL:
@@ -138,7 +137,7 @@ class EngineCore:
 
     # Metrics --------------------------------------------------------------------------------
 
-    def _record(self, outputs: list[RequestOutput]) -> None:
+    def _record(self, updates: list[RequestUpdate]) -> None:
         """Every running request's output-token count after this step (streamed or not), then
         the requests that finished in it."""
         now = time.monotonic()
@@ -146,16 +145,15 @@ class EngineCore:
         for seq in self.engine.scheduler.running:
             entry = counts.setdefault(seq.request_id, [0, seq.num_prompt_tokens])
             entry[0] += seq.num_output_tokens
-        for output in outputs:
-            if output.finished:
-                num_output = sum(len(c.token_ids) for c in output.outputs)
-                counts[output.request_id] = [num_output, len(output.prompt_token_ids)]
+        finished = [u for u in updates if u.finished]
+        for update in finished:
+            num_output = sum(seq.num_output_tokens for seq in update.samples)
+            counts[update.request_id] = [num_output, update.first.num_prompt_tokens]
         for request_id, (num_output, num_prompt) in counts.items():
             self._metrics.on_tokens(request_id, num_output, num_prompt, now)
-        for output in outputs:
-            if output.finished:
-                reason = finish_reason([c.finish_reason for c in output.outputs])
-                self._metrics.on_finished(output.request_id, reason, now)
+        for update in finished:
+            reason = finish_reason([seq.finish_reason for seq in update.samples])
+            self._metrics.on_finished(update.request_id, reason, now)
 
     def stats(self) -> EngineStats:
         e, blocks = self.engine, self.engine.block_manager

@@ -1,16 +1,22 @@
-"""Per-step deltas from the engine's cumulative outputs.
+"""Per-step deltas from the engine's request updates.
 
-``LLMEngine.step()`` reports a streamed request after every token with everything it has so
-far; ``DeltaTracker`` remembers what each request's samples have already sent and keeps only
-what is new, in wire form (``hwlm.engine.messages.RequestDelta``).
+``LLMEngine.step_updates()`` reports a streamed request after every token, as its live
+sequences; ``DeltaTracker`` remembers how much of each sample it has already sent and reads only
+what is new (token ids and logprobs past that point), in wire form
+(``hwlm.engine.messages.RequestDelta``). Nothing here grows with the length of an output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hwlm.engine.messages import RequestDelta, SampleDelta, TokenLogprobs
-from hwlm.outputs import CompletionOutput, Logprob, RequestOutput
+from hwlm.outputs import Logprob
+
+if TYPE_CHECKING:
+    from hwlm.engine.llm_engine import RequestUpdate
+    from hwlm.engine.sequence import Sequence
 
 
 @dataclass
@@ -35,50 +41,46 @@ class DeltaTracker:
     def __len__(self) -> int:
         return len(self._sent)
 
-    def delta(self, output: RequestOutput) -> RequestDelta | None:
-        """What ``output`` adds to the request's earlier outputs; None if nothing (or if the
+    def delta(self, update: RequestUpdate) -> RequestDelta | None:
+        """What ``update`` adds to the request's earlier deltas; None if nothing (or if the
         request is not tracked: aborted meanwhile). A finished request is forgotten."""
-        sent = self._sent.get(output.request_id)
+        sent = self._sent.get(update.request_id)
         if sent is None:
             return None
-        if output.finished:
-            del self._sent[output.request_id]
-        samples = [d for c in output.outputs if (d := _sample_delta(c, sent)) is not None]
-        first = sent.num_cached_tokens is None
+        if update.finished:
+            del self._sent[update.request_id]
+        samples = [d for i, seq in enumerate(update.samples) if (d := _sample_delta(i, seq, sent))]
+        first = update.first
+        is_first = sent.num_cached_tokens is None
         cached = (
-            None if output.num_cached_tokens == sent.num_cached_tokens else output.num_cached_tokens
+            None if first.num_cached_tokens == sent.num_cached_tokens else first.num_cached_tokens
         )
-        sent.num_cached_tokens = output.num_cached_tokens
-        if not samples and not output.finished and cached is None:
+        sent.num_cached_tokens = first.num_cached_tokens
+        if not samples and not update.finished and cached is None:
             return None
         prompt_logprobs = None
-        if first and output.prompt_logprobs is not None:
-            prompt_logprobs = [None if e is None else _wire(e) for e in output.prompt_logprobs]
-        return RequestDelta(output.request_id, samples, output.finished, cached, prompt_logprobs)
+        if is_first and first.prompt_logprobs is not None:
+            prompt_logprobs = [None if e is None else _wire(e) for e in first.prompt_logprobs]
+        return RequestDelta(update.request_id, samples, update.finished, cached, prompt_logprobs)
 
 
-def _sample_delta(completion: CompletionOutput, sent: _Sent) -> SampleDelta | None:
-    index = completion.index
+def _sample_delta(index: int, seq: Sequence, sent: _Sent) -> SampleDelta | None:
     if index in sent.finished:
         return None
     start = sent.num_tokens.get(index, 0)
-    new_ids = completion.token_ids[start:]
-    finishing = completion.finish_reason is not None
-    if not new_ids and not finishing:
+    num_output = seq.num_output_tokens
+    finishing = seq.finish_reason is not None
+    if num_output == start and not finishing:
         return None
-    sent.num_tokens[index] = len(completion.token_ids)
+    sent.num_tokens[index] = num_output
     if finishing:
         sent.finished.add(index)
+    new_ids = seq.token_ids[seq.num_prompt_tokens + start :]
     logprobs = None
-    if completion.logprobs is not None:
-        logprobs = [_wire(entry) for entry in completion.logprobs[start:]]
+    if seq.logprobs is not None:
+        logprobs = [_wire(entry) for entry in seq.logprobs[start:]]
     return SampleDelta(
-        index,
-        list(new_ids),
-        completion.cumulative_logprob or 0.0,
-        logprobs,
-        completion.finish_reason,
-        completion.stop_reason,
+        index, new_ids, seq.cumulative_logprob, logprobs, seq.finish_reason, seq.stop_reason
     )
 
 

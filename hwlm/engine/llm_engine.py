@@ -235,11 +235,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that finished in it, and of
-        streamed requests that got a token.
+        streamed requests that got a token (``step_updates``, as cumulative RequestOutputs)."""
+        return self._collect_outputs(self.step_updates())
+
+    def step_updates(self) -> list[RequestUpdate]:
+        """Run one scheduled batch; return the requests that finished in it, and the streamed
+        requests that got a token, as their sequences: nothing is copied, so the cost does not
+        grow with the length of an output (``hwlm.engine.deltas`` reads only what is new).
 
         With overlapped steps (``async_scheduling``) the batch is launched before the previous
         one's tokens are read back: the device runs step n while the host schedules and prepares
-        step n + 1, and the outputs returned are those of step n."""
+        step n + 1, and the updates returned are those of step n."""
         if self._in_flight is not None and self._must_drain(self._in_flight):
             return self._drain()
         batch = self.scheduler.schedule()
@@ -265,7 +271,7 @@ class LLMEngine:
             seq.pending_row = row
         return _LaunchedStep(batch.seqs, sampled)
 
-    def _drain(self) -> list[RequestOutput]:
+    def _drain(self) -> list[RequestUpdate]:
         """Finish the step in flight, if any."""
         step, self._in_flight = self._in_flight, None
         return [] if step is None else self._finish(step)
@@ -282,8 +288,8 @@ class LLMEngine:
         budget_blocks = self.config.blocks_for_tokens(self.config.max_num_batched_tokens)
         return self.block_manager.num_free_blocks < 2 * running + budget_blocks
 
-    def _finish(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Bring ``step``'s tokens to the host and apply them: tokens, stops, outputs."""
+    def _finish(self, step: _LaunchedStep) -> list[RequestUpdate]:
+        """Bring ``step``'s tokens to the host and apply them: tokens, stops, updates."""
         out = step.sampled.to_output() if step.sampled is not None else None
         for seq in step.seqs:
             if not seq.is_finished:
@@ -293,20 +299,25 @@ class LLMEngine:
         for seq in out.seqs:
             seq.num_pending_tokens -= 1
         finished = self._append_tokens(out.seqs, out)
-        outputs = self._collect_outputs(finished, finished=True)
+        updates = [self._update(request_id, finished=True) for request_id in finished]
         streamed = {s.request_id for s in out.seqs if s.stream}
         streamed = {r for r in streamed if r in self._requests} - set(finished)
-        return outputs + self._collect_outputs(sorted(streamed), finished=False)
+        return updates + [self._update(r, finished=False) for r in sorted(streamed)]
 
-    def _collect_outputs(self, request_ids: list[str], finished: bool) -> list[RequestOutput]:
+    def _update(self, request_id: str, finished: bool) -> RequestUpdate:
+        """A finished request is forgotten here: its update holds the last of it."""
+        seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
+        return RequestUpdate(request_id, seqs[0], reported_samples(seqs, finished), finished)
+
+    def _collect_outputs(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
         outputs = []
-        for request_id in request_ids:
+        for update in updates:
             try:
-                outputs.append(self._request_output(request_id, finished=finished))
+                outputs.append(self._request_output(update))
             except Exception as exc:
                 if not self.isolate_request_errors:
                     raise
-                self._fail_request(request_id, exc)
+                self._fail_request(update.request_id, exc)
         return outputs
 
     def _fail_request(self, request_id: str, exc: Exception) -> None:
@@ -371,16 +382,14 @@ class LLMEngine:
                 lp.decoded_token = self.tokenizer.decode([token_id])
         return entry
 
-    def _request_output(self, request_id: str, finished: bool) -> RequestOutput:
-        seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
-        first = seqs[0]
-        chosen = reported_samples(seqs, finished)
+    def _request_output(self, update: RequestUpdate) -> RequestOutput:
+        first = update.first
         return RequestOutput(
-            request_id=request_id,
+            request_id=update.request_id,
             prompt=first.prompt,
             prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
-            outputs=[self._completion(i, seq) for i, seq in enumerate(chosen)],
-            finished=finished,
+            outputs=[self._completion(i, seq) for i, seq in enumerate(update.samples)],
+            finished=update.finished,
             num_cached_tokens=first.num_cached_tokens,
             prompt_logprobs=self._prompt_logprobs(first),
         )
@@ -425,6 +434,17 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """A request that a step finished, or a streamed one it gave a token: its sequences, live
+    (read them before the next step)."""
+
+    request_id: str
+    first: Sequence  # the request's first sequence: prompt, cached tokens, prompt logprobs
+    samples: list[Sequence]  # what its output reports, in order (``reported_samples``)
+    finished: bool
 
 
 @dataclass

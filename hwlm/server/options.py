@@ -52,9 +52,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine-process",
-        action="store_true",
-        help="run the engine core in its own process (titled hwlm::engine), tokenization and "
-        "detokenization staying in the server's (default: the engine on a thread of the server)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine core in its own process (titled hwlm::engine), tokenization, "
+        "detokenization and SSE staying in the server's; --no-engine-process runs the engine "
+        "on a thread of the server process (default: on)",
     )
     parser.add_argument(
         "--shutdown-timeout",
