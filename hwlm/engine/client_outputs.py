@@ -22,7 +22,7 @@ from hwlm.engine.messages import RequestDelta, SampleDelta, TokenLogprobs
 from hwlm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from hwlm.sampling.stop_checker import find_stop_string
 from hwlm.sampling_params import SamplingParams
-from hwlm.text.tokenizer import IncrementalDetokenizer, decode_tokens
+from hwlm.text.tokenizer import Detokenizer, decode_tokens, new_detokenizer
 
 
 class RequestOutputAssembler:
@@ -100,9 +100,9 @@ class _Sample:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.detokenizer: IncrementalDetokenizer | None = None
+        self.detokenizer: Detokenizer | None = None
         if params.detokenize and (owner.stream or params.stop_strings):
-            self.detokenizer = IncrementalDetokenizer(
+            self.detokenizer = new_detokenizer(
                 owner.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
             )
         self.last_new_text = ""  # the text the latest token completed

@@ -11,7 +11,7 @@ import torch
 
 from hwlm.outputs import PromptLogprobs, SampleLogprobs
 from hwlm.sampling_params import SamplingParams
-from hwlm.text.tokenizer import IncrementalDetokenizer
+from hwlm.text.detokenizer import Detokenizer
 
 
 class Status(enum.Enum):
@@ -57,7 +57,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
-        self.detokenizer: IncrementalDetokenizer | None = None  # streamed or stop strings
+        self.detokenizer: Detokenizer | None = None  # streamed or stop strings
         self.stream = False  # report after every token, not only when finished
         self.output_text: str | None = None  # the final text when a stop string cut it
         self.bad_words_token_ids: list[list[int]] = []  # params.bad_words, tokenized
