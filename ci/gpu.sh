@@ -9,7 +9,8 @@
 #   bash ci/gpu.sh bench   # G3 (with transformers), G2, G1
 #   bash ci/gpu.sh serve   # S1 and S2 through `hwlm serve`, with the load generator's ceiling
 #   bash ci/gpu.sh prof    # whole-workload and decode-step profiles
-#   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 s1 s2 wl3 wl2 profile3 profile; all
+#   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 s1 s2 profserve wl3 wl2 profile3
+#                          # profile; all
 #
 # REPEATS overrides the benchmarks' repeats, HF= drops G3's transformers baseline, OPS_LIMIT the
 # op grid's time limit (seconds).
@@ -61,6 +62,7 @@ run_if g2 150 $bench --workload g2 --repeats ${REPEATS:-3} --output-json "$OUT/g
 run_if g1 150 $bench --workload g1 --repeats ${REPEATS:-2} --output-json "$OUT/g1.json"
 run_if s1 200 env DEVICE=cuda MODEL=qwen2.5-0.5b RATE=20 CLIENT_PROCESSES=2 OUT="$OUT" bash ci/s1.sh
 run_if s2 300 env DEVICE=cuda OUT="$OUT" bash ci/s2.sh
+run_if profserve 200 env DEVICE=cuda OUT="$OUT" PATH="/tmp/site/bin:$PATH" bash ci/profile_serve.sh
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
 run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
 run_if wl3 150 $py ci/profile_workload.py --workload g3 --runs 3

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the Python 3.12 x86-64 wheels that ci/gpu.sh installs on the GPU machine, which has no
-# network: the server's pure-Python stack, and the engine-core process's compiled pieces that the
-# machine's image lacks. Run here, from the repository root; .whl/ is git-ignored.
+# network: the server's pure-Python stack, the engine-core process's compiled pieces that the
+# machine's image lacks, and py-spy (ci/profile_serve.sh). Run here, from the repository root; .whl/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl  # one version of each package: two stop the install
@@ -14,7 +14,7 @@ download() {
 }
 download pydantic  # with the pydantic-core it pins, and its other needs
 for package in fastapi starlette uvicorn annotated-doc opentelemetry-api prometheus-client \
-    orjson httptools pyzmq msgspec setproctitle; do
+    orjson httptools pyzmq msgspec setproctitle py-spy; do
     download --no-deps "$package"
 done
 ls .whl

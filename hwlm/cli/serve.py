@@ -91,6 +91,14 @@ def run_serve(args: argparse.Namespace) -> int:
     0 on a clean exit. An address that cannot be bound is a ValueError, before any model
     loads."""
     sockets = bind_sockets(args.host, args.port)
+    if getattr(args, "api_server_count", 1) > 1:
+        from hwlm.cli.serve_api_processes import serve_with_api_processes
+
+        try:
+            return serve_with_api_processes(args, sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
     guard = _SignalGuard()
     previous = {sig: signal.signal(sig, guard) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -154,7 +162,14 @@ def _bound_socket(
     return sock
 
 
-def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _SignalGuard) -> int:
+def _serve(
+    args: argparse.Namespace,
+    sockets: list[socket.socket],
+    guard: _SignalGuard,
+    engine_and_seam: tuple[Any, Any] | None = None,
+) -> int:
+    """Serve on ``sockets`` until a signal; the engine is built here unless given (an API
+    process of several is given its client of the shared engine core)."""
     import uvicorn
 
     from hwlm.server.api import build_app
@@ -163,7 +178,7 @@ def _serve(args: argparse.Namespace, sockets: list[socket.socket], guard: _Signa
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served_model_name = args.served_model_name or args.model
-    engine, seam = _build_engine(args)
+    engine, seam = engine_and_seam if engine_and_seam is not None else _build_engine(args)
     try:
         app = build_app(
             seam,

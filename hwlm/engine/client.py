@@ -78,6 +78,7 @@ class EngineClient(abc.ABC):
 
     def __init__(self, info: EngineInfo) -> None:
         self.info = info
+        self.client_index = 0  # this client's place among the engine's clients (API processes)
         self._streams: dict[str, RequestStream] = {}
         self._error: EngineDeadError | None = None
         blocks = info.num_kv_blocks
@@ -108,7 +109,11 @@ class EngineClient(abc.ABC):
         arrival = time.monotonic() if arrival_time is None else arrival_time
         options = SamplingOptions.from_params(params)
         try:
-            self._send(AddRequest(request_id, list(prompt_token_ids), options, stream, arrival))
+            self._send(
+                AddRequest(
+                    request_id, list(prompt_token_ids), options, stream, arrival, self.client_index
+                )
+            )
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -18,10 +18,13 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import select
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import msgspec
@@ -45,6 +48,8 @@ _S = TypeVar("_S", bound=zmq.Socket[Any])
 class _EngineProcess:
     """The spawned engine core and the two sockets to it (used from one thread at a time)."""
 
+    owns_engine = True
+
     def __init__(self, args: EngineArgs) -> None:
         self.folder = tempfile.mkdtemp(prefix="hwlm-engine-")
         # The process-wide context, never this object's own: a context collected in the same
@@ -61,7 +66,7 @@ class _EngineProcess:
             args=(
                 msgspec.msgpack.encode(args),
                 self._address("input"),
-                self._address("output"),
+                [self._address("output")],
                 logging.getLogger().getEffectiveLevel(),
             ),
             name="hwlm::engine",
@@ -79,28 +84,16 @@ class _EngineProcess:
         sock.bind(self._address(name))
         return sock
 
+    @property
+    def sentinel(self) -> int:
+        """A file descriptor that turns readable when the engine process ends."""
+        return int(self.process.sentinel)
+
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
     def handshake(self, timeout: float) -> EngineInfo:
-        """Wait for the engine's ``EngineInfo``; raise what stopped it otherwise."""
-        decoder = output_decoder()
-        poller = zmq.Poller()
-        poller.register(self.output_sync, zmq.POLLIN)
-        poller.register(self.process.sentinel, zmq.POLLIN)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            events = dict(poller.poll(int(min(left, 1.0) * 1000)))
-            if self.output_sync in events:
-                message = decoder.decode(self.output_sync.recv())
-                if isinstance(message, EngineInfo):
-                    return message
-                if isinstance(message, StartupFailed):
-                    self.process.join(5)
-                    if message.error_type == "ValueError":
-                        raise ValueError(message.message)
-                    raise EngineStartupError(f"{message.error_type}: {message.message}")
-            elif self.process.sentinel in events:
-                code = self.process.exitcode
-                raise EngineStartupError(f"the engine process exited with code {code} at start-up")
-        raise EngineStartupError(f"the engine did not start within {timeout:.0f}s")
+        return _handshake(self.output_sync, self.sentinel, self.exitcode, timeout)
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the process to exit, then kill it."""
@@ -117,17 +110,92 @@ class _EngineProcess:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class _EngineConnection:
+    """Sockets to an engine core that another process started and owns (one of several API
+    processes): the input connects to the engine's, the output is bound here, and the engine's
+    ``lifeline`` (a pipe end whose writer only the engine holds) reads EOF when it ends."""
+
+    owns_engine = False
+
+    def __init__(self, input_address: str, output_address: str, lifeline: Connection) -> None:
+        self.lifeline = lifeline
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.input: zmq.Socket[bytes] = self.context.socket(zmq.PUSH)
+        self.input.setsockopt(zmq.SNDHWM, 0)
+        self.input.setsockopt(zmq.LINGER, 0)
+        self.input.connect(input_address)
+        self.output = zmq.asyncio.Socket(self.context, zmq.PULL)
+        self.output.setsockopt(zmq.RCVHWM, 0)
+        self.output.setsockopt(zmq.LINGER, 0)
+        self.output.bind(output_address)
+        self.output_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.output.underlying)
+        self._ended = False
+
+    @property
+    def sentinel(self) -> int:
+        return self.lifeline.fileno()
+
+    def exitcode(self) -> int | None:
+        """None while the engine runs; -1 once it has ended (its code is its owner's to read)."""
+        if not self._ended:
+            self._ended = bool(select.select([self.sentinel], [], [], 0)[0])
+        return -1 if self._ended else None
+
+    def handshake(self, timeout: float) -> EngineInfo:
+        return _handshake(self.output_sync, self.sentinel, self.exitcode, timeout)
+
+    def stop(self, timeout: float) -> None:
+        """Nothing to stop: the engine belongs to the process that started it."""
+
+    def close(self) -> None:
+        self.input.close(linger=0)
+        self.output.close(linger=0)
+        self.lifeline.close()
+
+
+def _handshake(
+    output: zmq.Socket[bytes], sentinel: int, exitcode: Callable[[], int | None], timeout: float
+) -> EngineInfo:
+    """Wait for the engine's ``EngineInfo``; raise what stopped it otherwise."""
+    decoder = output_decoder()
+    poller = zmq.Poller()
+    poller.register(output, zmq.POLLIN)
+    poller.register(sentinel, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        events = dict(poller.poll(int(min(left, 1.0) * 1000)))
+        if output in events:
+            message = decoder.decode(output.recv())
+            if isinstance(message, EngineInfo):
+                return message
+            if isinstance(message, StartupFailed):
+                if message.error_type == "ValueError":
+                    raise ValueError(message.message)
+                raise EngineStartupError(f"{message.error_type}: {message.message}")
+        elif sentinel in events:
+            raise EngineStartupError(
+                f"the engine process exited with code {exitcode()} at start-up"
+            )
+    raise EngineStartupError(f"the engine did not start within {timeout:.0f}s")
+
+
 class MultiProcessEngineClient(EngineClient):
     """Starts the engine core process for ``args`` and waits (up to ``start_timeout``
     seconds) until it is built and warmed up. A bad setting raises ValueError with the engine's
     one-line message; other start-up failures raise ``EngineStartupError``."""
 
-    def __init__(self, args: EngineArgs, *, start_timeout: float = START_TIMEOUT) -> None:
-        engine = _EngineProcess(args)
+    def __init__(
+        self,
+        args: EngineArgs | None = None,
+        *,
+        start_timeout: float = START_TIMEOUT,
+        _engine: _EngineProcess | _EngineConnection | None = None,
+    ) -> None:
+        engine = _engine if _engine is not None else _EngineProcess(_required(args))
         try:
             info = engine.handshake(start_timeout)
         except BaseException:
-            engine.stop(0)
+            engine.stop(5)
             engine.close()
             raise
         super().__init__(info)
@@ -140,6 +208,25 @@ class MultiProcessEngineClient(EngineClient):
         self._closing = False  # shutdown began
         self._closed = False  # shutdown finished: the sockets are closed
 
+    @classmethod
+    def connect(
+        cls,
+        input_address: str,
+        output_address: str,
+        client_index: int,
+        lifeline: Connection,
+        *,
+        start_timeout: float = START_TIMEOUT,
+    ) -> MultiProcessEngineClient:
+        """A client of an engine core that another process started (``--api-server-count``):
+        it binds ``output_address``, sends to ``input_address`` as client ``client_index``,
+        and sees the engine end when ``lifeline`` reads EOF. Its ``shutdown`` leaves the engine
+        running (the owner stops it)."""
+        engine = _EngineConnection(input_address, output_address, lifeline)
+        client = cls(_engine=engine, start_timeout=start_timeout)
+        client.client_index = client_index
+        return client
+
     @property
     def pid(self) -> int:
         """The engine process's id."""
@@ -147,10 +234,10 @@ class MultiProcessEngineClient(EngineClient):
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._send_lock:
-            if not self._closing:
+            if not self._closing and self._engine.owns_engine:
                 with contextlib.suppress(zmq.ZMQError):
                     self._engine.input.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
-                self._closing = True
+            self._closing = True
         self._fail_all(EngineDeadError("the engine is shut down"))
         if timeout <= 0 or self._closed:
             return
@@ -172,11 +259,11 @@ class MultiProcessEngineClient(EngineClient):
                 raise EngineDeadError(f"the engine process cannot be reached: {exc}") from exc
 
     def _alive(self) -> bool:
-        return not self._exited and self._engine.process.exitcode is None
+        return not self._exited and self._engine.exitcode() is None
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._reader = loop.create_task(self._read_outputs(self._engine.output))
-        loop.add_reader(self._engine.process.sentinel, self._on_process_exit)
+        loop.add_reader(self._engine.sentinel, self._on_process_exit)
 
     async def _read_outputs(self, sock: zmq.asyncio.Socket) -> None:
         try:
@@ -191,7 +278,7 @@ class MultiProcessEngineClient(EngineClient):
 
     def _on_process_exit(self) -> None:
         assert self._loop is not None
-        self._loop.remove_reader(self._engine.process.sentinel)
+        self._loop.remove_reader(self._engine.sentinel)
         self._exited = True
         if not self._closing:
             self._loop.call_later(EXIT_GRACE, self._after_exit)
@@ -205,7 +292,7 @@ class MultiProcessEngineClient(EngineClient):
                 self._dispatch(self._decoder.decode(self._engine.output_sync.recv(zmq.NOBLOCK)))
         if self._reader is not None:
             self._reader.cancel()
-        code = self._engine.process.exitcode
+        code = self._engine.exitcode()
         self._fail_all(EngineDeadError(f"the engine process exited unexpectedly (code {code})"))
 
     def _detach(self) -> None:
@@ -233,5 +320,11 @@ class MultiProcessEngineClient(EngineClient):
         if self._reader is not None:
             self._reader.cancel()
         if not self._exited:
-            self._loop.remove_reader(self._engine.process.sentinel)
+            self._loop.remove_reader(self._engine.sentinel)
         self._engine.output.close(linger=0)  # unregisters it from the event loop
+
+
+def _required(args: EngineArgs | None) -> EngineArgs:
+    if args is None:
+        raise TypeError("MultiProcessEngineClient needs EngineArgs (or use connect())")
+    return args

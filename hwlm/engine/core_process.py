@@ -1,10 +1,13 @@
 """The engine-core process: ``run_engine_core`` is its entry point (started with spawn by
 ``MultiProcessEngineClient``; numba's OpenMP and CUDA must not be forked).
 
-It titles itself ``hwlm::engine``, connects to the client's two ZeroMQ sockets (PULL for
-``EngineInput``, PUSH for ``EngineOutput``; ipc:// paths the client bound), builds the engine
-and sends ``EngineInfo`` (or ``StartupFailed``), then loops: take every input waiting (blocking
-only when idle), run ``EngineCore.process``, send what it returns. It exits
+It titles itself ``hwlm::engine``, opens its ZeroMQ sockets (PULL for ``EngineInput``; one
+PUSH for ``EngineOutput`` per client, connected to the ipc:// path that client bound), builds
+the engine and sends ``EngineInfo`` (or ``StartupFailed``) to every client, then loops: take
+every input waiting (blocking only when idle), run ``EngineCore.process``, send what it returns,
+each message to the client it concerns (``hwlm.engine.core_router``). With one client the input
+socket connects to the client's; with several (``--api-server-count``) the engine binds it and
+the clients connect. It exits
 
 * on ``Shutdown``;
 * when a step fails, after sending ``EngineDead``;
@@ -27,6 +30,7 @@ import sys
 import msgspec
 import zmq
 
+from hwlm.engine.core_router import OutputRouter
 from hwlm.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -45,9 +49,16 @@ LINGER_MS = 2000  # how long the last messages may take to leave when the engine
 
 
 def run_engine_core(
-    args_msgpack: bytes, input_address: str, output_address: str, log_level: int
+    args_msgpack: bytes,
+    input_address: str,
+    output_addresses: list[str],
+    log_level: int,
+    bind_input: bool = False,
+    lifeline: object = None,
 ) -> None:
-    """The process's main function; ``args_msgpack`` is the ``EngineArgs``, msgpack-encoded."""
+    """The process's main function; ``args_msgpack`` is the ``EngineArgs``, msgpack-encoded.
+    ``lifeline`` is held open for the process's life and closes when it ends (whatever holds
+    its other end sees the engine die)."""
     import setproctitle
 
     setproctitle.setproctitle(PROCESS_TITLE)
@@ -59,24 +70,33 @@ def run_engine_core(
         )
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
-    inputs.connect(input_address)
-    outputs = context.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
-    outputs.connect(output_address)
+    inputs.setsockopt(zmq.RCVHWM, 0)
+    if bind_input:
+        inputs.bind(input_address)
+    else:
+        inputs.connect(input_address)
+    outputs = []
+    for address in output_addresses:
+        sock = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
+        sock.connect(address)
+        outputs.append(sock)
     loop = _CoreLoop(inputs, outputs)
     try:
         code = loop.run(args_msgpack)
     finally:
         inputs.close(linger=0)
-        outputs.close(linger=0 if loop.parent_gone else LINGER_MS)  # let the last ones leave
+        for sock in outputs:  # let the last messages leave
+            sock.close(linger=0 if loop.parent_gone else LINGER_MS)
         context.term()
     sys.exit(code)
 
 
 class _CoreLoop:
-    def __init__(self, inputs: zmq.Socket[bytes], outputs: zmq.Socket[bytes]) -> None:
+    def __init__(self, inputs: zmq.Socket[bytes], outputs: list[zmq.Socket[bytes]]) -> None:
         self._inputs = inputs
         self._outputs = outputs
+        self._router = OutputRouter(len(outputs))
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = input_decoder()
         self._parent_pid = os.getppid()
@@ -107,6 +127,7 @@ class _CoreLoop:
             inputs = self._receive(block=not core.has_work())
             if inputs is None:
                 return 0
+            self._router.note_inputs(inputs)
             try:
                 messages = core.process(inputs)
             except Exception as exc:
@@ -143,5 +164,7 @@ class _CoreLoop:
         return os.getppid() != self._parent_pid
 
     def _send(self, messages: list[EngineOutput]) -> None:
-        for message in messages:
-            self._outputs.send(self._encoder.encode(message), copy=False)
+        for client, message in self._router.route(messages):
+            frame = self._encoder.encode(message)
+            for sock in self._outputs if client is None else (self._outputs[client],):
+                sock.send(frame, copy=False)

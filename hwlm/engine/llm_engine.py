@@ -30,7 +30,7 @@ from hwlm.sampling.request_checks import check_params, tokenize_bad_words
 from hwlm.sampling.sampler import SampledBatch, SamplerOutput, TopLogprobs
 from hwlm.sampling.stop_checker import check_stop
 from hwlm.sampling_params import SamplingParams
-from hwlm.text.tokenizer import IncrementalDetokenizer, decode_tokens, load_tokenizer
+from hwlm.text.tokenizer import decode_tokens, load_tokenizer, new_detokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class LLMEngine:
         seq.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [], vocab)
         seq.stream = stream
         if params.stop_strings or (stream and params.detokenize):  # text to check or stream
-            seq.detokenizer = IncrementalDetokenizer(
+            seq.detokenizer = new_detokenizer(
                 self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
             )
         self._requests[request_id] = [seq]

@@ -59,6 +59,14 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "on a thread of the server process (default: on)",
     )
     parser.add_argument(
+        "--api-server-count",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="API server processes sharing the port, all served by one engine core process "
+        "(needs the engine process) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -88,3 +96,10 @@ def cors_settings(args: argparse.Namespace) -> Any:
         allowed_headers=list(args.allowed_headers),
         allow_credentials=args.allow_credentials,
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
