@@ -25,11 +25,10 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from hwlm.engine.client import EngineClient
 from hwlm.engine.client_stream import EngineDeadError, EngineStartupError
@@ -58,8 +57,7 @@ class _EngineProcess:
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.input: zmq.Socket[bytes] = self._bind(self.context.socket(zmq.PUSH), "input")
         # Read on the event loop; the sync shadow (which does not own it) serves the handshake.
-        self.output = self._bind(zmq.asyncio.Socket(self.context, zmq.PULL), "output")
-        self.output_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.output.underlying)
+        self.output: zmq.Socket[bytes] = self._bind(self.context.socket(zmq.PULL), "output")
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
             target=run_engine_core,
@@ -93,7 +91,7 @@ class _EngineProcess:
         return self.process.exitcode
 
     def handshake(self, timeout: float) -> EngineInfo:
-        return _handshake(self.output_sync, self.sentinel, self.exitcode, timeout)
+        return _handshake(self.output, self.sentinel, self.exitcode, timeout)
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the process to exit, then kill it."""
@@ -124,11 +122,10 @@ class _EngineConnection:
         self.input.setsockopt(zmq.SNDHWM, 0)
         self.input.setsockopt(zmq.LINGER, 0)
         self.input.connect(input_address)
-        self.output = zmq.asyncio.Socket(self.context, zmq.PULL)
+        self.output: zmq.Socket[bytes] = self.context.socket(zmq.PULL)
         self.output.setsockopt(zmq.RCVHWM, 0)
         self.output.setsockopt(zmq.LINGER, 0)
         self.output.bind(output_address)
-        self.output_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.output.underlying)
         self._ended = False
 
     @property
@@ -142,7 +139,7 @@ class _EngineConnection:
         return -1 if self._ended else None
 
     def handshake(self, timeout: float) -> EngineInfo:
-        return _handshake(self.output_sync, self.sentinel, self.exitcode, timeout)
+        return _handshake(self.output, self.sentinel, self.exitcode, timeout)
 
     def stop(self, timeout: float) -> None:
         """Nothing to stop: the engine belongs to the process that started it."""
@@ -203,7 +200,7 @@ class MultiProcessEngineClient(EngineClient):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = output_decoder()
         self._send_lock = threading.RLock()  # shutdown may come from another thread
-        self._reader: asyncio.Task[None] | None = None
+        self._reading = False  # the output socket is watched on the event loop
         self._exited = False  # the process's exit was seen on the event loop
         self._closing = False  # shutdown began
         self._closed = False  # shutdown finished: the sockets are closed
@@ -262,18 +259,26 @@ class MultiProcessEngineClient(EngineClient):
         return not self._exited and self._engine.exitcode() is None
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._reader = loop.create_task(self._read_outputs(self._engine.output))
+        # ZeroMQ's descriptor is edge-triggered: each wake-up reads every message waiting.
+        loop.add_reader(_fd(self._engine.output), self._read_outputs)
+        self._reading = True
+        loop.call_soon(self._read_outputs)  # any that arrived before the reader was added
         loop.add_reader(self._engine.sentinel, self._on_process_exit)
 
-    async def _read_outputs(self, sock: zmq.asyncio.Socket) -> None:
+    def _read_outputs(self) -> None:
+        """Dispatch every message waiting (on the event loop, without a task per message)."""
+        if not self._reading:
+            return
+        sock = self._engine.output
         try:
-            while True:
-                frame = await sock.recv(copy=False)
+            while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
                 self._dispatch(self._decoder.decode(frame.buffer))
-        except asyncio.CancelledError:
-            raise
+        except zmq.Again:
+            pass
         except Exception as exc:
             logger.exception("reading the engine's messages failed")
+            self._stop_reading()
             self._fail_all(EngineDeadError(f"lost the engine's messages: {exc!r}"))
 
     def _on_process_exit(self) -> None:
@@ -287,11 +292,8 @@ class MultiProcessEngineClient(EngineClient):
         """The engine process has died: deliver what it sent, then fail the rest."""
         if self._closing:
             return
-        with contextlib.suppress(zmq.ZMQError):
-            while True:
-                self._dispatch(self._decoder.decode(self._engine.output_sync.recv(zmq.NOBLOCK)))
-        if self._reader is not None:
-            self._reader.cancel()
+        self._read_outputs()
+        self._stop_reading()
         code = self._engine.exitcode()
         self._fail_all(EngineDeadError(f"the engine process exited unexpectedly (code {code})"))
 
@@ -311,17 +313,22 @@ class MultiProcessEngineClient(EngineClient):
 
     async def _detach_async(self) -> None:
         self._detach_now()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
 
     def _detach_now(self) -> None:
         assert self._loop is not None
-        if self._reader is not None:
-            self._reader.cancel()
+        self._stop_reading()
         if not self._exited:
             self._loop.remove_reader(self._engine.sentinel)
-        self._engine.output.close(linger=0)  # unregisters it from the event loop
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(_fd(self._engine.output))
+        self._reading = False
+
+
+def _fd(sock: zmq.Socket[bytes]) -> int:
+    """The socket's descriptor for the event loop (readable when its events may have changed)."""
+    return cast(int, sock.getsockopt(zmq.FD))
 
 
 def _required(args: EngineArgs | None) -> EngineArgs:
