@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     add_sampling_argument(parser)
     parser.add_argument(
+        "--no-detokenize",
+        dest="detokenize",
+        action="store_false",
+        help="token ids only, no text (SamplingParams.detokenize=False), to time detokenization",
+    )
+    parser.add_argument(
         "--compare-hf",
         action="store_true",
         help="also time transformers generate and generate_batch",
@@ -218,7 +224,12 @@ def _run_hwlm(
     settings["tokenizer"] = args.tokenizer or str(tokenizer_path(args.model) or model)
     llm = LLM(model, **settings)
     params = [
-        SamplingParams(**sampling_kwargs(args), max_tokens=n, ignore_eos=True)
+        SamplingParams(
+            **sampling_kwargs(args),
+            max_tokens=n,
+            ignore_eos=True,
+            detokenize=getattr(args, "detokenize", True),
+        )
         for n in _output_lens(args)
     ]
     # Warm-up on two whole prompts: compiles the kernels for prefill and decode shapes.
