@@ -217,6 +217,7 @@ def feed(det: Detokenizer, tokenizer: Any, ids: list[int]) -> list[str]:
     for token_id in ids:
         before = det.text
         pieces.append(det.add(token_id))
+        assert det.text_length == len(before) + len(pieces[-1])
         ref = decode_tokens(tokenizer, det.token_ids, skip, spaces)
         assert det.text == before + pieces[-1], where(det, tokenizer)
         assert ref.startswith(det.text), f"{where(det, tokenizer)}: not a prefix of {ref!r}"
@@ -523,3 +524,18 @@ def test_incremental_detokenizer_final_text_and_finish(tok: Any) -> None:
     assert det.text + det.finish() == ref == det.text
     twin = det.copy()
     assert twin.token_ids == det.token_ids and twin.token_ids is not det.token_ids
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tail_reads_the_end_without_the_whole_text(tok: Any, seed: int) -> None:
+    """``tail`` and ``text_length`` (what stop strings read each step) agree with ``text``
+    while the emitted pieces are still unjoined."""
+    rng = random.Random(seed)
+    det = new_detokenizer(tok)
+    emitted = ""
+    for token_id in encode(tok, TEXTS[seed % len(TEXTS)] * 3) + random_ids(tok, rng, 40):
+        emitted += det.add(token_id)
+        for k in (0, 1, 2, 5, 13, 1000):
+            assert det.tail(k) == (emitted[-k:] if k else ""), (k, emitted)
+        assert det.text_length == len(emitted)
+    assert det.text == emitted

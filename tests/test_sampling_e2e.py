@@ -144,6 +144,25 @@ def test_stop_string_cuts_text(llm: LLM, include: bool) -> None:
     assert out.text == (text[: index + len(stop)] if include else text[:index])
 
 
+@pytest.mark.parametrize("before, after", [(2, 2), (1, 6)])
+def test_stop_string_straddling_tokens(llm: LLM, before: int, after: int) -> None:
+    """A stop string that begins in an earlier token than the one completing it is found
+    (the check reads the new text plus what a stop string could span before it)."""
+    text, ids = _greedy_text(llm)
+    ends = [len(llm.get_tokenizer().decode(ids[: i + 1])) for i in range(len(ids))]
+    for boundary in ends[2:]:
+        stop = text[boundary - before : boundary + after]
+        if len(stop) == before + after and text.find(stop) == boundary - before:
+            if stop.isprintable() and stop.strip() == stop and "\ufffd" not in stop:
+                break
+    else:
+        pytest.skip("no printable stop string across a token boundary in the greedy text")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    out = _generate(llm, PROMPT, params).outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: boundary - before]
+
+
 def test_stop_string_streamed_text_never_shows_it(llm: LLM) -> None:
     text, _ = _greedy_text(llm)
     stop = _stop_candidate(text)

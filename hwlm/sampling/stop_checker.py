@@ -35,16 +35,18 @@ def check_stop(seq: Sequence, token: int, new_text: str, max_model_len: int) -> 
 
 
 def _check_stop_strings(seq: Sequence, num_new_chars: int) -> bool:
-    assert seq.detokenizer is not None
-    text = seq.detokenizer.text
-    found = find_stop_string(
-        text, num_new_chars, seq.params.stop_strings, seq.params.include_stop_str_in_output
-    )
+    """Look for a stop string in the new text and the characters before it that a stop string
+    could span, never the whole text (the cost per step does not grow with the output)."""
+    detokenizer = seq.detokenizer
+    assert detokenizer is not None
+    stops = seq.params.stop_strings
+    window = detokenizer.tail(num_new_chars + max(len(s) for s in stops) - 1)
+    found = find_stop_string(window, num_new_chars, stops, seq.params.include_stop_str_in_output)
     if found is None:
         return False
     stop, end = found
     seq.finish_reason, seq.stop_reason = "stop", stop
-    seq.output_text = text[:end]
+    seq.output_text = detokenizer.text[: detokenizer.text_length - len(window) + end]
     return True
 
 

@@ -74,6 +74,16 @@ class Detokenizer(Protocol):
         """The full decode of ``token_ids``, held text included."""
         ...
 
+    @property
+    def text_length(self) -> int:
+        """``len(text)``, without building ``text``."""
+        ...
+
+    def tail(self, num_chars: int) -> str:
+        """The last ``num_chars`` characters of ``text`` (all of it if shorter), without building
+        ``text``: what a stop-string check reads each step."""
+        ...
+
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completed (possibly "")."""
         ...
@@ -148,6 +158,13 @@ class IncrementalDetokenizer:
             return self.text
         return decode_tokens(self.tokenizer, self.token_ids, self.skip, self.spaces)
 
+    @property
+    def text_length(self) -> int:
+        return len(self.text)
+
+    def tail(self, num_chars: int) -> str:
+        return self.text[-num_chars:] if num_chars > 0 else ""
+
     def finish(self) -> str:
         """Emit the held text (end of the sequence); no token may be added afterwards."""
         rest, self.text = _rest(self.text, self.final_text)
@@ -198,6 +215,7 @@ class FastDetokenizer:
         self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._pending: list[int] = []  # an open run of byte-fallback pieces, not yet stepped
         self._pieces: list[str] = []  # the emitted text, joined lazily by ``text``
+        self._length = 0  # characters in the pieces
         self._held = False  # whether the emitted text may lag the full decode
         self.finished = False
 
@@ -214,6 +232,22 @@ class FastDetokenizer:
         if not self._held:
             return self.text
         return decode_tokens(self.tokenizer, self.token_ids, self.skip, self.spaces)
+
+    @property
+    def text_length(self) -> int:
+        return self._length
+
+    def tail(self, num_chars: int) -> str:
+        if num_chars <= 0:
+            return ""
+        parts: list[str] = []
+        have = 0
+        for piece in reversed(self._pieces):  # the newest pieces, back to num_chars
+            parts.append(piece)
+            have += len(piece)
+            if have >= num_chars:
+                break
+        return "".join(reversed(parts))[-num_chars:]
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""
@@ -236,6 +270,7 @@ class FastDetokenizer:
         """Emit the held text (end of the sequence); no token may be added afterwards."""
         rest, text = _rest(self.text, self.final_text)
         self._pieces, self._held, self.finished = [text], False, True
+        self._length = len(text)
         return rest
 
     def copy(self) -> FastDetokenizer:
@@ -271,6 +306,7 @@ class FastDetokenizer:
         if piece is None:
             return ""
         self._pieces.append(piece)
+        self._length += len(piece)
         return piece
 
     def _add_by_decoding(self) -> str:
@@ -283,6 +319,7 @@ class FastDetokenizer:
         self._held = False
         piece = full[len(text) :]
         self._pieces.append(piece)
+        self._length += len(piece)
         return piece
 
     def _replayed(self) -> FastDetokenizer:
