@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
+from hwlm.engine.client_stream import EngineDeadError, RequestFailedError
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.metrics import ServingMetrics, finish_reason
@@ -43,12 +44,8 @@ T = TypeVar("T")
 PromptType = str | dict[str, Any] | list[int]
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (a failed step, or shutdown); no request can run."""
-
-
-class RequestFailedError(RuntimeError):
-    """Processing one request failed (say, detokenizing its output); the others run on."""
+# One class for both engines (the thread here, the engine-core process through its client).
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStats", "RequestFailedError", "RequestStream"]
 
 
 @dataclass(frozen=True)
