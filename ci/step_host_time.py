@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=4100)
+    parser.add_argument(
+        "--no-stop", dest="stop", action="store_false", help="no stop string (no detokenizing)"
+    )
     parser.add_argument("--output-json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -83,7 +86,7 @@ def main() -> None:
         temperature=0,
         max_tokens=args.output_len,
         ignore_eos=True,
-        stop=["\x00never-in-the-output\x00"],
+        stop=["\x00never-in-the-output\x00"] if args.stop else None,
     )
     inputs: list[Any] = [
         AddRequest(

@@ -16,6 +16,7 @@ import socket
 from types import FrameType
 from typing import Any
 
+from hwlm.engine.heap import freeze_startup_heap
 from hwlm.engine_args import add_cli_args, from_cli_args
 from hwlm.server.options import add_server_options, cors_settings, server_limits
 
@@ -200,6 +201,7 @@ def _serve(
         )
         server = _make_server(uvicorn, config, engine, app)
         guard.server = server
+        freeze_startup_heap()
         logger.info(
             "serving %r as %r on http://%s:%d%s",
             args.model,

@@ -18,6 +18,7 @@ import torch
 from hwlm.backend import Backend
 from hwlm.config import EngineConfig, ModelConfig, parse_dtype, resolve_max_model_len
 from hwlm.engine.block_manager import BlockManager
+from hwlm.engine.heap import freeze_startup_heap
 from hwlm.engine.model_runner import ModelRunner
 from hwlm.engine.scheduler import ScheduledBatch, Scheduler
 from hwlm.engine.sequence import Sequence
@@ -84,6 +85,7 @@ class LLMEngine:
             else self.backend.overlap_steps
         )
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not yet read back
+        freeze_startup_heap()  # full collections would walk the model's objects mid-serving
 
     # Set-up -----------------------------------------------------------------------------------
 
