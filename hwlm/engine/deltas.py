@@ -49,15 +49,19 @@ class DeltaTracker:
             return None
         if update.finished:
             del self._sent[update.request_id]
-        samples = [d for i, seq in enumerate(update.samples) if (d := _sample_delta(i, seq, sent))]
+        samples = []
+        for index, seq in enumerate(update.samples):
+            sample = _sample_delta(index, seq, sent)
+            if sample is not None:
+                samples.append(sample)
         first = update.first
+        cached = first.num_cached_tokens
+        if cached == sent.num_cached_tokens:
+            if not samples and not update.finished:
+                return None
+            return RequestDelta(update.request_id, samples, update.finished)
         is_first = sent.num_cached_tokens is None
-        cached = (
-            None if first.num_cached_tokens == sent.num_cached_tokens else first.num_cached_tokens
-        )
-        sent.num_cached_tokens = first.num_cached_tokens
-        if not samples and not update.finished and cached is None:
-            return None
+        sent.num_cached_tokens = cached
         prompt_logprobs = None
         if is_first and first.prompt_logprobs is not None:
             prompt_logprobs = [None if e is None else _wire(e) for e in first.prompt_logprobs]
@@ -65,23 +69,22 @@ class DeltaTracker:
 
 
 def _sample_delta(index: int, seq: Sequence, sent: _Sent) -> SampleDelta | None:
-    if index in sent.finished:
+    if sent.finished and index in sent.finished:
         return None
     start = sent.num_tokens.get(index, 0)
-    num_output = seq.num_output_tokens
-    finishing = seq.finish_reason is not None
-    if num_output == start and not finishing:
+    prompt_len = seq.num_prompt_tokens
+    num_output = len(seq.token_ids) - prompt_len
+    reason = seq.finish_reason
+    if num_output == start and reason is None:
         return None
     sent.num_tokens[index] = num_output
-    if finishing:
+    if reason is not None:
         sent.finished.add(index)
-    new_ids = seq.token_ids[seq.num_prompt_tokens + start :]
-    logprobs = None
-    if seq.logprobs is not None:
-        logprobs = [_wire(entry) for entry in seq.logprobs[start:]]
-    return SampleDelta(
-        index, new_ids, seq.cumulative_logprob, logprobs, seq.finish_reason, seq.stop_reason
-    )
+    new_ids = seq.token_ids[prompt_len + start :]
+    if seq.logprobs is None:
+        return SampleDelta(index, new_ids, seq.cumulative_logprob, None, reason, seq.stop_reason)
+    logprobs = [_wire(entry) for entry in seq.logprobs[start:]]
+    return SampleDelta(index, new_ids, seq.cumulative_logprob, logprobs, reason, seq.stop_reason)
 
 
 def _wire(entry: dict[int, Logprob]) -> TokenLogprobs:

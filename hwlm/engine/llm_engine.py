@@ -309,7 +309,8 @@ class LLMEngine:
     def _update(self, request_id: str, finished: bool) -> RequestUpdate:
         """A finished request is forgotten here: its update holds the last of it."""
         seqs = self._requests.pop(request_id) if finished else self._requests[request_id]
-        return RequestUpdate(request_id, seqs[0], reported_samples(seqs, finished), finished)
+        samples = seqs if len(seqs) == 1 else reported_samples(seqs, finished)
+        return RequestUpdate(request_id, seqs[0], samples, finished)
 
     def _collect_outputs(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
         outputs = []
