@@ -77,7 +77,8 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     params: SamplingOptions
     stream: bool  # a delta after every step that gives it a token; else one when it finishes
     arrival_time: float
-    client_index: int = 0  # which API process sent it (``--api-server-count``): its answers go there
+    # Which API process sent it (``--api-server-count``): its answers go there.
+    client_index: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

@@ -45,7 +45,13 @@ PromptType = str | dict[str, Any] | list[int]
 
 
 # One class for both engines (the thread here, the engine-core process through its client).
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStats", "RequestFailedError", "RequestStream"]
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "EngineStats",
+    "RequestFailedError",
+    "RequestStream",
+]
 
 
 @dataclass(frozen=True)
