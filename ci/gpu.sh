@@ -9,8 +9,8 @@
 #   bash ci/gpu.sh bench   # G3 (with transformers), G2, G1
 #   bash ci/gpu.sh serve   # S1 and S2 through `hwlm serve`, with the load generator's ceiling
 #   bash ci/gpu.sh prof    # whole-workload and decode-step profiles
-#   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 s1 s2 profserve wl3 wl2 profile3
-#                          # profile; all
+#   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 textcost s1 s2 profserve wl3 wl2
+#                          # profile3 profile; all
 #
 # REPEATS overrides the benchmarks' repeats, HF= drops G3's transformers baseline, OPS_LIMIT the
 # op grid's time limit (seconds).
@@ -58,8 +58,7 @@ run_if engine 240 $py -m pytest -q tests/test_async_scheduling.py tests/test_dec
 run_if ops ${OPS_LIMIT:-480} $py -m pytest -q $XDIST tests/conformance/test_ops.py --device cuda \
     --support-matrix "$OUT/support-matrix.md"
 run_if g3 300 $bench --workload g3 ${HF---compare-hf} --repeats ${REPEATS:-3} --output-json "$OUT/g3.json"
-run_if g3text 400 $bench --workload g3 --repeats 3 --output-json "$OUT/g3-text.json"
-run_if g3ids 400 $bench --workload g3 --repeats 3 --no-detokenize --output-json "$OUT/g3-ids.json"
+run_if textcost 590 env DEVICE=cuda OUT="$OUT" REPEATS=${REPEATS:-3} bash ci/text_cost.sh g3 g2 g1
 run_if g2 150 $bench --workload g2 --repeats ${REPEATS:-3} --output-json "$OUT/g2.json"
 run_if g1 150 $bench --workload g1 --repeats ${REPEATS:-2} --output-json "$OUT/g1.json"
 run_if s1 200 env DEVICE=cuda MODEL=qwen2.5-0.5b RATE=20 CLIENT_PROCESSES=2 OUT="$OUT" bash ci/s1.sh
