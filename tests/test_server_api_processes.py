@@ -46,9 +46,10 @@ def children(pid: int) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Any]]:
     folder = tmp_path_factory.mktemp("api2")
-    with ServerProcess(ARGS, folder / "two.log") as two, ServerProcess(
-        ARGS[:3], folder / "one.log"
-    ) as one:
+    with (
+        ServerProcess(ARGS, folder / "two.log") as two,
+        ServerProcess(ARGS[:3], folder / "one.log") as one,
+    ):
         yield two, one
 
 

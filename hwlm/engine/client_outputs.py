@@ -10,10 +10,17 @@ engine give them:
   engine's check put it: before the string, or after it with ``include_stop_str_in_output``;
 * any other finished sample's text is a full decode of its tokens;
 * logprob entries get their ``decoded_token``s, as the engine would (with ``detokenize``).
+
+``add`` gives the whole output after each delta. A reader that only wants what is new (the
+server's streams: one event per step, per request) folds deltas with ``fold`` instead and reads
+each sample's state (``samples``): its tokens and logprobs (lists that only grow), and with
+``track_new_text`` its new text through ``AssembledSample.take_text``, never copying what it has
+already read.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -37,6 +44,7 @@ class RequestOutputAssembler:
         *,
         prompt: str | None = None,
         stream: bool = True,
+        track_new_text: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -44,17 +52,27 @@ class RequestOutputAssembler:
         self.params = params
         self.tokenizer = tokenizer
         self.stream = stream
+        self.track_new_text = track_new_text  # keep each sample's text not yet taken
+        # Characters of a running sample's text held back (a stop string could still claim them).
+        self.text_buffer_length = params.output_text_buffer_length
         self.finished = False
         self.num_cached_tokens = 0
         self.prompt_logprobs: PromptLogprobs | None = None
-        self._samples: dict[int, _Sample] = {}
+        self._samples: dict[int, AssembledSample] = {}
+        self.samples: list[AssembledSample] = []  # in index order
+        self._decoded: dict[int, str] | None = None  # token id -> its text (logprobs)
 
     def add(self, delta: RequestDelta) -> RequestOutput:
         """Apply ``delta``; the request's whole output so far."""
+        self.fold(delta)
+        return self.output()
+
+    def fold(self, delta: RequestDelta) -> None:
+        """Apply ``delta`` (``output()`` or ``samples`` read the result)."""
         for sample_delta in delta.samples:
             sample = self._samples.get(sample_delta.index)
             if sample is None:
-                sample = self._samples[sample_delta.index] = _Sample(self)
+                sample = self._new_sample(sample_delta.index)
             sample.extend(sample_delta)
         if delta.num_cached_tokens is not None:
             self.num_cached_tokens = delta.num_cached_tokens
@@ -63,18 +81,24 @@ class RequestOutputAssembler:
                 None if e is None else self.logprob_entry(e) for e in delta.prompt_logprobs
             ]
         self.finished = delta.finished
-        return self.output()
 
     def output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[self._samples[i].completion(i) for i in sorted(self._samples)],
+            outputs=[sample.completion() for sample in self.samples],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )
+
+    def _new_sample(self, index: int) -> AssembledSample:
+        sample = self._samples[index] = AssembledSample(self, index)
+        self.samples.append(sample)
+        if len(self.samples) > 1 and self.samples[-2].index > index:
+            self.samples.sort(key=lambda s: s.index)
+        return sample
 
     def logprob_entry(self, wire: TokenLogprobs) -> dict[int, Logprob]:
         entry = {
@@ -84,16 +108,37 @@ class RequestOutputAssembler:
             )
         }
         if self.params.detokenize:
+            decoded = self._decoded
+            if decoded is None:
+                decoded = self._decoded = _decoded_tokens(self.tokenizer)
             for token_id, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([token_id])
+                text = decoded.get(token_id)
+                if text is None:
+                    text = decoded[token_id] = self.tokenizer.decode([token_id])
+                lp.decoded_token = text
         return entry
 
 
-class _Sample:
+# tokenizer -> token id -> tokenizer.decode([token id]): a token's text never changes, and
+# logprobs ask for the same few thousand tokens' texts again and again.
+_DECODED: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def _decoded_tokens(tokenizer: Any) -> dict[int, str]:
+    """The texts of single tokens decoded so far with ``tokenizer`` (a fresh dict for a
+    tokenizer that cannot be weakly referenced)."""
+    try:
+        return _DECODED.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
+
+
+class AssembledSample:
     """One sample's tokens, logprobs and text so far."""
 
-    def __init__(self, owner: RequestOutputAssembler) -> None:
+    def __init__(self, owner: RequestOutputAssembler, index: int) -> None:
         self.owner = owner
+        self.index = index
         params = owner.params
         self.token_ids: list[int] = []
         self.logprobs: SampleLogprobs | None = [] if params.logprobs is not None else None
@@ -107,12 +152,24 @@ class _Sample:
             )
         self.last_new_text = ""  # the text the latest token completed
         self.final_text: str | None = None
+        # With the owner's track_new_text: the detokenizer's text not yet taken (take_text).
+        self._untaken: list[str] | None = [] if owner.track_new_text else None
+        self.text_length = 0  # characters of the detokenizer's text
+        self.taken_length = 0  # characters of it take_text has returned
 
     def extend(self, delta: SampleDelta) -> None:
-        for token_id in delta.token_ids:
-            self.token_ids.append(token_id)
-            if self.detokenizer is not None:
-                self.last_new_text = self.detokenizer.add(token_id)
+        detokenizer = self.detokenizer
+        if detokenizer is None:
+            self.token_ids.extend(delta.token_ids)
+        else:
+            untaken = self._untaken
+            for token_id in delta.token_ids:
+                self.token_ids.append(token_id)
+                piece = self.last_new_text = detokenizer.add(token_id)
+                if piece:
+                    self.text_length += len(piece)
+                    if untaken is not None:
+                        untaken.append(piece)
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs.extend(self.owner.logprob_entry(e) for e in delta.logprobs)
         self.cumulative_logprob = delta.cumulative_logprob
@@ -120,9 +177,9 @@ class _Sample:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
             self.final_text = self._final_text()
 
-    def completion(self, index: int) -> CompletionOutput:
+    def completion(self) -> CompletionOutput:
         return CompletionOutput(
-            index=index,
+            index=self.index,
             text=self.final_text if self.final_text is not None else self._running_text(),
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
@@ -131,11 +188,34 @@ class _Sample:
             stop_reason=self.stop_reason,
         )
 
+    def take_text(self) -> str:
+        """The running text (``completion().text`` while the sample runs: the characters a stop
+        string could still claim held back) added since the last call (needs the owner's
+        ``track_new_text``)."""
+        visible = self.text_length - self.owner.text_buffer_length
+        count = visible - self.taken_length
+        untaken = self._untaken
+        if count <= 0 or not untaken:
+            return ""
+        text = untaken[0] if len(untaken) == 1 else "".join(untaken)
+        untaken.clear()
+        if count < len(text):
+            text, rest = text[:count], text[count:]
+            untaken.append(rest)
+        self.taken_length = visible
+        return text
+
+    def taken_text(self) -> str:
+        """All that ``take_text`` has returned."""
+        if self.detokenizer is None or not self.taken_length:
+            return ""
+        return self.detokenizer.text[: self.taken_length]
+
     def _running_text(self) -> str:
         if self.detokenizer is None:
             return ""
         text = self.detokenizer.text
-        return text[: max(0, len(text) - self.owner.params.output_text_buffer_length)]
+        return text[: max(0, len(text) - self.owner.text_buffer_length)]
 
     def _final_text(self) -> str:
         params = self.owner.params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
@@ -51,15 +52,42 @@ class RequestStream:
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._abort = abort
-        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        # A deque and one waiter rather than an asyncio.Queue: a stream has one consumer, and
+        # this is on the path of every token.
+        self._items: deque[StreamItem] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the consumer, waiting for an item
+        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's, once it waited
         self._done = False  # nothing more will be yielded (finished, failed or aborted)
 
     def put(self, item: StreamItem) -> None:
         """Hand an item to the consumer (on the client's event loop only)."""
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _get(self) -> StreamItem:
+        """The next item, waiting for one if none is there."""
+        items = self._items
+        while not items:
+            waiter = self._waiter = self._new_waiter()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return items.popleft()
+
+    def _new_waiter(self) -> asyncio.Future[None]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
 
     async def wait_accepted(self) -> None:
-        item = await self._queue.get()
+        item = await self._get()
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -71,31 +99,40 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self._done:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:
-            self.abort()  # cancelled while waiting: the consumer is gone
-            raise
+        items = self._items
+        while not items:  # as _get, inline: this is on the path of every token
+            waiter = self._waiter = self._new_waiter()
+            try:
+                await waiter
+            except BaseException:
+                self.abort()  # cancelled while waiting: the consumer is gone
+                raise
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        item = items.popleft()
+        if isinstance(item, RequestDelta):
+            if item.finished:
+                self._done = True
+            return item
+        self._done = True
         if isinstance(item, BaseException):
-            self._done = True
             raise item
-        assert isinstance(item, RequestDelta)
-        if item.finished:
-            self._done = True
-        return item
+        raise AssertionError(f"unexpected item {item!r} in the stream of {self.request_id}")
 
     def next_nowait(self) -> RequestDelta | None:
         """The next delta if one is already waiting, else None (never waits); raises the
         request's error as ``__anext__`` would."""
-        if self._done or self._queue.empty():
+        if self._done or not self._items:
             return None
-        item = self._queue.get_nowait()
+        item = self._items.popleft()
+        if isinstance(item, RequestDelta):
+            self._done = item.finished
+            return item
+        self._done = True
         if isinstance(item, BaseException):
-            self._done = True
             raise item
-        assert isinstance(item, RequestDelta)
-        self._done = item.finished
-        return item
+        raise AssertionError(f"unexpected item {item!r} in the stream of {self.request_id}")
 
     def abort(self) -> None:
         """Stop the request if it is still running (idempotent, non-blocking)."""

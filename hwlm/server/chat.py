@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwlm.outputs import CompletionOutput, RequestOutput
+from hwlm.outputs import RequestOutput
 from hwlm.server.chat_utils import apply_chat_template
-from hwlm.server.choice_stream import ChoiceUpdate
+from hwlm.server.choice_stream import ChoiceUpdate, whole_choice
 from hwlm.server.common import (
     check_context_length,
     check_logprobs,
@@ -61,41 +61,39 @@ class ChatShape:
 
     def opening_choices(self) -> list[dict[str, Any]]:
         role = {"role": "assistant", "content": ""}
-        return [_choice(i, "delta", role, None, None) for i in range(self.request.n)]
+        return [_choice(i, "delta", role, None, None, None) for i in range(self.request.n)]
 
     def chunk_choice(self, update: ChoiceUpdate) -> dict[str, Any]:
-        delta = {"content": update.delta} if update.delta else {}
-        return _choice(
-            update.index, "delta", delta, self._logprobs(update.completion, update.start_token),
-            update.completion,
-        )  # fmt: skip
+        return {
+            "index": update.index,
+            "delta": {"content": update.delta} if update.delta else {},
+            "logprobs": self._logprobs(update),
+            "finish_reason": update.finish_reason,
+            "stop_reason": update.stop_reason,
+        }
 
     def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         (output,) = outputs
-        choices = [
-            _choice(
-                i,
-                "message",
-                {"role": "assistant", "content": completion.text},
-                self._logprobs(completion, 0),
-                completion,
-            )  # fmt: skip
-            for i, completion in enumerate(output.outputs)
-        ]
+        choices = []
+        for i in range(len(output.outputs)):
+            whole = whole_choice(i, 0, output, i)
+            message = {"role": "assistant", "content": whole.delta}
+            logprobs = self._logprobs(whole)
+            choices.append(
+                _choice(i, "message", message, logprobs, whole.finish_reason, whole.stop_reason)
+            )
         return {
             "choices": choices,
             "usage": usage(outputs),
             "prompt_logprobs": prompt_logprobs(output.prompt_logprobs),
         }
 
-    def _logprobs(self, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
-        """Logprobs of the completion's tokens from index ``start`` on (None if not asked)."""
-        if self._top_n is None or completion.logprobs is None:
+    def _logprobs(self, update: ChoiceUpdate) -> dict[str, Any] | None:
+        """Logprobs of the update's tokens (None if not asked)."""
+        if self._top_n is None or update.logprobs is None:
             return None
-        end = len(completion.token_ids)
-        return chat_logprobs(
-            completion.token_ids[start:end], completion.logprobs[start:end], self._top_n
-        )
+        start, end = update.start_token, update.end_token
+        return chat_logprobs(update.token_ids[start:end], update.logprobs[start:end], self._top_n)
 
 
 def _choice(
@@ -103,13 +101,14 @@ def _choice(
     key: str,
     message: dict[str, str],
     logprobs: dict[str, Any] | None,
-    completion: CompletionOutput | None,
+    finish_reason: str | None,
+    stop_reason: int | str | None,
 ) -> dict[str, Any]:
     """A choice: its ``message`` (a response's) or ``delta`` (a chunk's) under ``key``."""
     return {
         "index": index,
         key: message,
         "logprobs": logprobs,
-        "finish_reason": None if completion is None else completion.finish_reason,
-        "stop_reason": None if completion is None else completion.stop_reason,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
     }

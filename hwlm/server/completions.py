@@ -14,7 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from hwlm.outputs import CompletionOutput, RequestOutput
+from hwlm.outputs import RequestOutput
 from hwlm.server.choice_stream import ChoiceUpdate, whole_choice
 from hwlm.server.common import (
     check_context_length,
@@ -80,17 +80,20 @@ class CompletionShape:
 
     def chunk_choice(self, update: ChoiceUpdate) -> dict[str, Any]:
         echo = self._echoes[update.prompt_index] if self.request.echo else None
-        prefix = echo.text if echo is not None and update.first else ""
-        offset = (len(echo.text) if echo is not None else 0) + update.chars_before
-        logprobs = self._logprobs(update.completion, update.start_token, offset)
+        if echo is None:
+            text, offset = update.delta, update.chars_before
+        else:
+            text = echo.text + update.delta if update.first else update.delta
+            offset = len(echo.text) + update.chars_before
+        logprobs = self._logprobs(update, offset)
         if echo is not None and update.first:
-            logprobs = concat_logprobs(self._prompt_logprobs(echo, update.output), logprobs)
+            logprobs = concat_logprobs(self._prompt_logprobs(echo, update), logprobs)
         return {
             "index": update.index,
-            "text": prefix + update.delta,
+            "text": text,
             "logprobs": logprobs,
-            "finish_reason": update.completion.finish_reason,
-            "stop_reason": update.completion.stop_reason,
+            "finish_reason": update.finish_reason,
+            "stop_reason": update.stop_reason,
         }
 
     def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
@@ -111,37 +114,33 @@ class CompletionShape:
             choice: dict[str, Any] = {
                 "index": update.index,
                 "text": echo.text,
-                "logprobs": self._prompt_logprobs(echo, update.output),
+                "logprobs": self._prompt_logprobs(echo, update),
                 "finish_reason": "length",
                 "stop_reason": None,
             }
         else:
             choice = self.chunk_choice(update)
         asked = self.request.prompt_logprobs is not None
-        choice["prompt_logprobs"] = (
-            prompt_logprobs(update.output.prompt_logprobs) if asked else None
-        )
+        choice["prompt_logprobs"] = prompt_logprobs(update.prompt_logprobs) if asked else None
         return choice
 
-    def _logprobs(
-        self, completion: CompletionOutput, start: int, text_offset: int
-    ) -> dict[str, Any] | None:
-        """Logprobs of the completion's tokens from index ``start`` on (None if not asked)."""
+    def _logprobs(self, update: ChoiceUpdate, text_offset: int) -> dict[str, Any] | None:
+        """Logprobs of the update's tokens (None if not asked)."""
         top_n = self.request.logprobs
-        if top_n is None or completion.logprobs is None:
+        if top_n is None or update.logprobs is None:
             return None
-        end = len(completion.token_ids)
+        start, end = update.start_token, update.end_token
         return completion_logprobs(
-            completion.token_ids[start:end], completion.logprobs[start:end], top_n, text_offset
+            update.token_ids[start:end], update.logprobs[start:end], top_n, text_offset
         )
 
-    def _prompt_logprobs(self, echo: _Echo, output: RequestOutput) -> dict[str, Any] | None:
+    def _prompt_logprobs(self, echo: _Echo, update: ChoiceUpdate) -> dict[str, Any] | None:
         """The echoed prompt tokens' logprobs (None unless asked for and computed)."""
         top_n = self.request.logprobs
-        if top_n is None or output.prompt_logprobs is None:
+        if top_n is None or update.prompt_logprobs is None:
             return None
         return completion_logprobs(
-            output.prompt_token_ids, output.prompt_logprobs, top_n, 0, echo.unscored
+            update.prompt_token_ids, update.prompt_logprobs, top_n, 0, echo.unscored
         )
 
 

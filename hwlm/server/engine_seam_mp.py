@@ -4,14 +4,20 @@
 ``MultiProcessEngineClient``: the limits and sampling defaults come from the engine's handshake,
 the tokenizer is loaded here from the handshake's tokenizer path (tokenizing, detokenizing and
 chat templates happen in this process), and each request's deltas become cumulative
-``RequestOutput``s through a ``RequestOutputAssembler``. The client's errors are raised as the
-server's own (``EngineDeadError`` answers 503), so the routes cannot tell the two seams apart.
+``RequestOutput``s through a ``RequestOutputAssembler``. The client's errors are the server's own
+(``EngineDeadError`` answers 503), so the routes cannot tell the two seams apart.
+
+A streamed response reads its requests through their ``choice_feed``s instead: the assembler
+knows what each delta adds, so each event is made from the new text and tokens alone, without a
+cumulative ``RequestOutput`` or a comparison with what was sent (the same updates as
+``ChoiceTracker`` finds in the cumulative outputs).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hwlm.engine import client_stream
@@ -20,7 +26,8 @@ from hwlm.engine.client_outputs import RequestOutputAssembler
 from hwlm.engine.messages import RequestDelta
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.async_engine import EngineDeadError, EngineStats
+from hwlm.server.async_engine import EngineStats
+from hwlm.server.choice_stream import ChoiceFeed, ChoiceUpdate, Progress, text_delta
 from hwlm.server.engine_seam import OutputStream, Prompt, abort_all
 from hwlm.server.metrics import MetricsSnapshot
 from hwlm.text.tokenizer import load_tokenizer
@@ -31,37 +38,142 @@ OFF_LOOP_CHARS = 8192  # texts (and token lists) longer than this are tokenized 
 
 
 class ProcessOutputStream:
-    """One request's cumulative outputs, assembled from the client's deltas (``OutputStream``)."""
+    """One request's cumulative outputs, assembled from the client's deltas (``OutputStream``),
+    or its streamed choices (``choice_feed``)."""
 
     def __init__(
         self, stream: client_stream.RequestStream, assembler: RequestOutputAssembler
     ) -> None:
-        self._stream = stream
+        self.request_stream = stream  # its deltas
         self._assembler = assembler
 
     async def __anext__(self) -> RequestOutput:
-        delta = await _server_errors(self._stream.__anext__())
-        output = self._fold(delta)
-        newer = self.take_pending()
-        return output if newer is None else newer
+        self.fold(await self.request_stream.__anext__())
+        self.fold_pending()
+        return self._assembler.output()
 
     def take_pending(self) -> RequestOutput | None:
-        newest: RequestOutput | None = None
-        while (delta := _translated(self._stream.next_nowait)) is not None:
-            newest = self._fold(delta)
-        return newest
+        return self._assembler.output() if self.fold_pending() else None
+
+    def abort(self) -> None:
+        self.request_stream.abort()
+
+    def choice_feed(self, prompt_index: int, n: int, token_updates: bool) -> ChoiceFeed:
+        return _AssembledFeed(self, self._assembler, prompt_index, n, token_updates)
+
+    def fold_pending(self) -> bool:
+        """Fold the deltas already waiting; whether there were any."""
+        next_nowait = self.request_stream.next_nowait
+        delta = next_nowait()
+        if delta is None:
+            return False
+        while delta is not None:
+            self.fold(delta)
+            delta = next_nowait()
+        return True
+
+    def fold(self, delta: RequestDelta) -> None:
+        """Apply one of the request's deltas to its assembler."""
+        try:
+            self._assembler.fold(delta)
+        except Exception as exc:
+            self.request_stream.abort()
+            raise client_stream.RequestFailedError(
+                f"request {self._assembler.request_id} failed: {exc!r}"
+            ) from exc
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What one choice has been sent."""
+
+    chars: int = 0
+    num_tokens: int = 0
+    started: bool = False
+    finished: bool = False
+
+
+class _AssembledFeed:
+    """A request's streamed choices read from its assembler: a ``ChoiceFeed`` that is its own
+    ``Progress``. The running text comes from ``AssembledSample.take_text``, which returns only
+    what is new; a finished sample's (final) text is compared with what was sent, as
+    ``ChoiceTracker`` compares every text."""
+
+    def __init__(
+        self,
+        stream: ProcessOutputStream,
+        assembler: RequestOutputAssembler,
+        prompt_index: int,
+        n: int,
+        token_updates: bool,
+    ) -> None:
+        self._stream = stream
+        self._assembler = assembler
+        self._prompt_index = prompt_index
+        self._first_index = prompt_index * n  # the choice index of sample 0
+        self._token_updates = token_updates
+        self._sent: dict[int, _Sent] = {}
+
+    async def __anext__(self) -> Progress:
+        stream = self._stream
+        stream.fold(await stream.request_stream.__anext__())
+        stream.fold_pending()
+        return self
+
+    def take_pending(self) -> Progress | None:
+        return self if self._stream.fold_pending() else None
 
     def abort(self) -> None:
         self._stream.abort()
 
-    def _fold(self, delta: RequestDelta) -> RequestOutput:
-        try:
-            return self._assembler.add(delta)
-        except Exception as exc:
-            self._stream.abort()
-            raise client_stream.RequestFailedError(
-                f"request {self._assembler.request_id} failed: {exc!r}"
-            ) from exc
+    @property
+    def finished(self) -> bool:
+        return self._assembler.finished
+
+    def usage_counts(self) -> tuple[int, int]:
+        assembler = self._assembler
+        generated = sum(len(sample.token_ids) for sample in assembler.samples)
+        return len(assembler.prompt_token_ids), generated
+
+    def updates(self) -> Iterator[ChoiceUpdate]:
+        assembler = self._assembler
+        for sample in assembler.samples:
+            sent = self._sent.get(sample.index)
+            if sent is None:
+                sent = self._sent[sample.index] = _Sent()
+            elif sent.finished:
+                continue
+            finish_reason = sample.finish_reason
+            if finish_reason is None:
+                delta = sample.take_text()
+            else:
+                delta = text_delta(sample.taken_text(), sample.final_text or "")
+            num_tokens = len(sample.token_ids)
+            if not (
+                delta
+                or finish_reason is not None
+                or (self._token_updates and num_tokens > sent.num_tokens)
+            ):
+                continue
+            yield ChoiceUpdate(
+                self._first_index + sample.index,
+                self._prompt_index,
+                delta,
+                sent.chars,
+                not sent.started,
+                sample.token_ids,
+                sent.num_tokens,
+                num_tokens,
+                sample.logprobs,
+                finish_reason,
+                sample.stop_reason,
+                assembler.prompt_token_ids,
+                assembler.prompt_logprobs,
+            )
+            sent.started = True
+            sent.num_tokens = num_tokens
+            sent.chars += len(delta)
+            sent.finished = finish_reason is not None
 
 
 class ProcessEngineSeam:
@@ -141,6 +253,8 @@ class ProcessEngineSeam:
         self, base_id: str, prompts: Sequence[Prompt], params: SamplingParams, *, stream: bool
     ) -> list[OutputStream]:
         """As ``EngineSeam.submit``: all or none, the first error raised."""
+        if len(prompts) == 1:  # the common case, without gather's tasks
+            return [await self._add(f"{base_id}-0", prompts[0], params, stream)]
         results = await asyncio.gather(
             *(self._add(f"{base_id}-{i}", p, params, stream) for i, p in enumerate(prompts)),
             return_exceptions=True,
@@ -156,10 +270,16 @@ class ProcessEngineSeam:
         self, request_id: str, prompt: Prompt, params: SamplingParams, stream: bool
     ) -> ProcessOutputStream:
         assembler = RequestOutputAssembler(
-            request_id, prompt.token_ids, params, self._tokenizer, prompt=prompt.text, stream=stream
+            request_id,
+            prompt.token_ids,
+            params,
+            self._tokenizer,
+            prompt=prompt.text,
+            stream=stream,
+            track_new_text=stream,  # for choice_feed
         )
-        request_stream = await _server_errors(
-            self._client.add_request(request_id, prompt.token_ids, params, stream=stream)
+        request_stream = await self._client.add_request(
+            request_id, prompt.token_ids, params, stream=stream
         )
         return ProcessOutputStream(request_stream, assembler)
 
@@ -169,18 +289,3 @@ async def _maybe_off_loop(size: int, fn: Callable[[], T]) -> T:
     if size > OFF_LOOP_CHARS:
         return await asyncio.to_thread(fn)
     return fn()
-
-
-async def _server_errors(awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``, raising the client's EngineDeadError as the server's."""
-    try:
-        return await awaitable
-    except client_stream.EngineDeadError as exc:
-        raise EngineDeadError(str(exc)) from exc
-
-
-def _translated(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except client_stream.EngineDeadError as exc:
-        raise EngineDeadError(str(exc)) from exc

@@ -6,29 +6,51 @@ the reader falls behind.
 handler that sends each batch before asking for the next therefore sends one event for all the
 steps that ran while its client was slow to take the previous one, and no delay is ever added:
 an event merges only outputs that were already waiting.
+
+The streams are ``OutputStream``s of ``RequestOutput``s, or any streams of the same shape whose
+outputs say when they are ``finished`` (the pipeline's ``ChoiceFeed``s of ``Progress``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-
-from hwlm.outputs import RequestOutput
-from hwlm.server.engine_seam import OutputStream, abort_all
+from collections.abc import Awaitable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 
-class OutputFanIn:
-    """Reads several ``OutputStream``s; ``close()`` (always, when done) aborts what still runs."""
+class _Output(Protocol):
+    @property
+    def finished(self) -> bool: ...
 
-    def __init__(self, streams: Sequence[OutputStream]) -> None:
+
+T = TypeVar("T", bound=_Output)
+T_co = TypeVar("T_co", bound=_Output, covariant=True)
+
+
+class _Stream(Protocol[T_co]):
+    async def __anext__(self) -> T_co: ...
+    def take_pending(self) -> T_co | None: ...
+    def abort(self) -> None: ...
+
+
+class OutputFanIn(Generic[T]):
+    """Reads several streams; ``close()`` (always, when done) aborts what still runs."""
+
+    def __init__(self, streams: Sequence[_Stream[T]]) -> None:
         self._streams = list(streams)
         self._live = list(range(len(self._streams)))  # streams that may still yield
-        self._held: dict[int, RequestOutput] = {}  # outputs awaited directly, not yet returned
-        self._tasks: dict[int, asyncio.Task[RequestOutput]] = {}  # when several streams run
+        self._held: dict[int, T] = {}  # outputs awaited directly, not yet returned
+        self._tasks: dict[int, asyncio.Task[T]] = {}  # when several streams run
 
-    async def next_outputs(self) -> list[tuple[int, RequestOutput]]:
+    def next_outputs(self) -> Awaitable[list[tuple[int, T]]]:
         """(stream index, newest output) for each stream with something new, in stream order;
         [] once every stream has ended. Raises the error of a stream that failed."""
+        # (Not a coroutine itself: one frame less to resume on every wake-up of a stream.)
+        if len(self._streams) == 1:
+            return self._next_of_one()
+        return self._next_of_several()
+
+    async def _next_of_several(self) -> list[tuple[int, T]]:
         while self._live:
             ready = self._take_ready()
             if ready:
@@ -36,14 +58,19 @@ class OutputFanIn:
             await self._wait()
         return []
 
-    async def final_outputs(self) -> list[RequestOutput]:
+    async def final_outputs(self) -> list[T]:
         """Every stream's finished output, in stream order (for a non-streamed response)."""
-        finished: dict[int, RequestOutput] = {}
+        finished: dict[int, T] = {}
         while batch := await self.next_outputs():
             finished.update((i, output) for i, output in batch if output.finished)
         if len(finished) != len(self._streams):
             raise RuntimeError("a request ended without a finished output")
         return [finished[i] for i in range(len(self._streams))]
+
+    @property
+    def done(self) -> bool:
+        """Every stream has ended: ``next_outputs()`` would return []."""
+        return not self._live
 
     def close(self) -> None:
         for task in self._tasks.values():
@@ -51,9 +78,28 @@ class OutputFanIn:
                 task.exception()  # retrieved: nobody will read it
             task.cancel()
         self._tasks.clear()
-        abort_all(self._streams)
+        for stream in self._streams:
+            stream.abort()
 
-    def _take_ready(self) -> list[tuple[int, RequestOutput]]:
+    async def _next_of_one(self) -> list[tuple[int, T]]:
+        """``next_outputs`` of a single stream (the common case: no tasks, no bookkeeping)."""
+        if not self._live:
+            return []
+        stream = self._streams[0]
+        output = stream.take_pending()
+        if output is None:
+            try:
+                output = await stream.__anext__()
+            except StopAsyncIteration:
+                self._live.clear()
+                return []
+            if not output.finished:
+                output = stream.take_pending() or output
+        if output.finished:
+            self._live.clear()
+        return [(0, output)]
+
+    def _take_ready(self) -> list[tuple[int, T]]:
         ready = []
         for i in list(self._live):
             output = self._take(i)
@@ -63,7 +109,7 @@ class OutputFanIn:
                     self._live.remove(i)
         return ready
 
-    def _take(self, i: int) -> RequestOutput | None:
+    def _take(self, i: int) -> T | None:
         """Stream ``i``'s newest output not yet returned, or None."""
         base = self._held.pop(i, None)
         task = self._tasks.get(i)
@@ -83,7 +129,7 @@ class OutputFanIn:
     async def _wait(self) -> None:
         """Until some stream has an output (or has ended)."""
         idle = [i for i in self._live if i not in self._tasks]
-        if len(self._live) == 1 and idle:  # the common case needs no task
+        if len(self._live) == 1 and idle:  # one stream left needs no task
             i = idle[0]
             try:
                 self._held[i] = await self._streams[i].__anext__()

@@ -2,15 +2,22 @@
 
 A streamed response sends many chunks that differ only in their choice, so ``ChunkEncoder``
 encodes the parts they share (``id``, ``object``, ``created``, ``model``) once, and each event
-encodes just its choice.
+encodes just its choice. ``EventStreamResponse`` sends them: each item of its iterator (one or
+more events) in one write, the last (the one ending with ``[DONE]``) together with the end of the
+body.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -40,8 +47,88 @@ class ChunkEncoder:
 
     def choice(self, choice: dict[str, Any]) -> bytes:
         """A chunk carrying one choice."""
-        return self._prefix + orjson.dumps(choice) + self._suffix
+        return b"".join((self._prefix, orjson.dumps(choice), self._suffix))
 
     def usage(self, usage: dict[str, int]) -> bytes:
         """The last chunk: no choice, the usage."""
         return self._prefix + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response over ``events``, an async iterator of encoded events:
+    each item goes out in one write as soon as it comes, and the item that ends with
+    ``[DONE]`` ends the body in the same write (the iterator is then closed).
+
+    As ``StreamingResponse``, the events are sent by a task of their own, which a client that
+    disconnects cancels, and ``background`` runs afterwards; the disconnect is watched by a plain
+    task rather than an anyio task group. (Sending from a task of its own also keeps each wake-up
+    of the stream short: the request's task sits under every middleware's frame.)"""
+
+    def __init__(
+        self, events: AsyncIterator[bytes], background: BackgroundTask | None = None
+    ) -> None:
+        super().__init__(events, media_type="text/event-stream", background=background)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spec_version = scope.get("asgi", {}).get("spec_version", "2.0")
+        if tuple(map(int, spec_version.split("."))) >= (2, 4):
+            try:
+                await self.stream_response(send)  # send raises OSError once the client is gone
+            except OSError:
+                raise ClientDisconnect() from None
+        else:
+            await self._stream_until_disconnect(receive, send)
+        if self.background is not None:
+            await self.background()
+
+    async def _stream_until_disconnect(self, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        streamer = loop.create_task(self.stream_response(send))
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            finally:  # the client has left (or receive failed): stop the stream
+                if not streamer.done():
+                    disconnected = True
+                    streamer.cancel()
+
+        watcher = loop.create_task(watch())
+        try:
+            await streamer
+        except asyncio.CancelledError:
+            # Swallowed only when the watcher cancelled the stream (the client has left), not
+            # when this task was cancelled (Python 3.11 counts that: ``cancelling()``).
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)
+            if not disconnected or (cancelling is not None and cancelling()):
+                raise
+        finally:
+            if not streamer.done():
+                streamer.cancel()
+            watcher.cancel()
+        error = watcher.exception() if watcher.done() and not watcher.cancelled() else None
+        if error is not None:  # receive failed
+            raise error
+
+    async def stream_response(self, send: Send) -> None:
+        events = self._events
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            async for chunk in events:
+                last = chunk.endswith(SSE_DONE)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
