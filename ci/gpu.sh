@@ -61,7 +61,7 @@ run_if g3 300 $bench --workload g3 ${HF---compare-hf} --repeats ${REPEATS:-3} --
 run_if textcost 590 env DEVICE=cuda OUT="$OUT" REPEATS=${REPEATS:-3} bash ci/text_cost.sh g3 g2 g1
 run_if g2 150 $bench --workload g2 --repeats ${REPEATS:-3} --output-json "$OUT/g2.json"
 run_if g1 150 $bench --workload g1 --repeats ${REPEATS:-2} --output-json "$OUT/g1.json"
-run_if s1 200 env DEVICE=cuda MODEL=qwen2.5-0.5b RATE=20 CLIENT_PROCESSES=2 OUT="$OUT" bash ci/s1.sh
+run_if s1 200 env DEVICE=cuda MODEL=qwen2.5-0.5b RATE=20 CLIENT_PROCESSES=${CLIENT_PROCESSES:-2} OUT="$OUT" bash ci/s1.sh
 run_if s2 300 env DEVICE=cuda OUT="$OUT" bash ci/s2.sh
 run_if profserve 200 env DEVICE=cuda OUT="$OUT" PATH="/tmp/site/bin:$PATH" bash ci/profile_serve.sh
 run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --context 384
