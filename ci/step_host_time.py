@@ -15,9 +15,9 @@ msgpack encoding of the messages. Prints the median at output positions around 1
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
+import os
 import statistics
 import time
 from typing import Any

@@ -19,28 +19,12 @@ from typing import Any
 import pytest
 
 from tests.reliability_servers import ServerProcess
-from tests.test_server_engine_process import alive, server_pid
+from tests.test_server_engine_process import alive, children, server_pid
 
 httpx = pytest.importorskip("httpx")
 
 ARGS = ["hwlm-tiny", "--device", "cpu", "--api-server-count", "2"]
 TITLES = ("hwlm::engine", "hwlm::api0", "hwlm::api1")
-
-
-def children(pid: int) -> dict[str, int]:
-    """The children of ``pid`` by process title (from /proc)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found[cmdline.split(b"\0")[0].decode(errors="replace").strip()] = int(entry)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ THREAD_ARGS = [*BASE_ARGS, "--no-engine-process"]
 ENGINE_TITLE = "hwlm::engine"
 
 
-def engine_pids(server_pid: int) -> list[int]:
-    """The children of ``server_pid`` titled ``hwlm::engine`` (from /proc)."""
-    pids = []
+def children(pid: int) -> dict[str, int]:
+    """The children of ``pid`` by process title (from /proc)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -39,10 +39,14 @@ def engine_pids(server_pid: int) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == server_pid and cmdline.startswith(ENGINE_TITLE.encode()):
-            pids.append(int(entry))
-    return pids
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[cmdline.split(b"\0")[0].decode(errors="replace").strip()] = int(entry)
+    return found
+
+
+def engine_pids(server_pid: int) -> list[int]:
+    """The children of ``server_pid`` titled ``hwlm::engine``."""
+    return [pid for title, pid in children(server_pid).items() if title == ENGINE_TITLE]
 
 
 def alive(pid: int) -> bool:
