@@ -11,13 +11,13 @@ a thread, the default), ``hwlm.server.engine_seam_mp.ProcessEngineSeam`` over a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats, RequestStream
+from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
 from hwlm.server.metrics import MetricsSnapshot
 
 __all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "Seam", "abort_all"]
@@ -48,6 +48,20 @@ class OutputStream(Protocol):
 def abort_all(streams: Sequence[OutputStream]) -> None:
     for stream in streams:
         stream.abort()
+
+
+async def submit_all(adds: Sequence[Awaitable[OutputStream]]) -> list[OutputStream]:
+    """Await every add: all streams, or none (the ones added are aborted and the first error is
+    raised). One add is awaited directly, without gather's tasks."""
+    if len(adds) == 1:
+        return [await adds[0]]
+    results = await asyncio.gather(*adds, return_exceptions=True)
+    streams = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        abort_all(streams)
+        raise errors[0]
+    return streams
 
 
 class Seam(Protocol):
@@ -140,19 +154,12 @@ class EngineSeam:
         one (ValueError, or ParameterError naming the field), the others are aborted and its
         error is raised; EngineDeadError if the engine is dead. With ``stream`` a request reports
         every token, otherwise only its end."""
-        results = await asyncio.gather(
-            *(
+        return await submit_all(
+            [
                 self._engine.add_request(f"{base_id}-{i}", _engine_prompt(p), params, stream=stream)
                 for i, p in enumerate(prompts)
-            ),
-            return_exceptions=True,
+            ]
         )
-        streams: list[OutputStream] = [r for r in results if isinstance(r, RequestStream)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            abort_all(streams)
-            raise errors[0]
-        return streams
 
 
 def _engine_prompt(prompt: Prompt) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import EngineStats
 from hwlm.server.choice_stream import ChoiceFeed, ChoiceUpdate, Progress, text_delta
-from hwlm.server.engine_seam import OutputStream, Prompt, abort_all
+from hwlm.server.engine_seam import OutputStream, Prompt, submit_all
 from hwlm.server.metrics import MetricsSnapshot
 from hwlm.text.tokenizer import load_tokenizer
 
@@ -253,18 +253,9 @@ class ProcessEngineSeam:
         self, base_id: str, prompts: Sequence[Prompt], params: SamplingParams, *, stream: bool
     ) -> list[OutputStream]:
         """As ``EngineSeam.submit``: all or none, the first error raised."""
-        if len(prompts) == 1:  # the common case, without gather's tasks
-            return [await self._add(f"{base_id}-0", prompts[0], params, stream)]
-        results = await asyncio.gather(
-            *(self._add(f"{base_id}-{i}", p, params, stream) for i, p in enumerate(prompts)),
-            return_exceptions=True,
+        return await submit_all(
+            [self._add(f"{base_id}-{i}", p, params, stream) for i, p in enumerate(prompts)]
         )
-        streams: list[OutputStream] = [r for r in results if isinstance(r, ProcessOutputStream)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            abort_all(streams)
-            raise errors[0]
-        return streams
 
     async def _add(
         self, request_id: str, prompt: Prompt, params: SamplingParams, stream: bool
