@@ -35,8 +35,18 @@ engine=$(pgrep -P "$server" -f 'hwlm::engine' || true)
     --dataset-name random --random-input-range "$IN_MIN" "$IN_MAX" --random-output-len "$OUT_LEN" \
     --client-processes "$cp" --seed 2 >"$OUT/hwlm-profile-bench.log" 2>&1 &
 bench=$!
-sleep "${DELAY:-2}"
-pids=("api:$server")
+# Sample mid-run: wait until the engine reports running requests (the load generator first
+# builds its prompts and starts its processes), then DELAY more seconds.
+for _ in $(seq 600); do
+    curl -s "http://localhost:$PORT/metrics" | grep -qE '^hwlm:num_requests_running\{[^}]*\} [1-9]' && break
+    sleep 0.1
+done
+sleep "${DELAY:-1}"
+api=$server
+# With --api-server-count N the server process supervises: profile its first API process.
+api_child=$(pgrep -P "$server" -f 'hwlm::api0' || true)
+[[ -n $api_child ]] && api=$api_child
+pids=("api:$api")
 [[ -n $engine ]] && pids+=("engine:$engine")
 for entry in "${pids[@]}"; do
     py-spy record --idle --nonblocking --rate 250 --duration "$DURATION" --format raw \
