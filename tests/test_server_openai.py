@@ -16,7 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +334,17 @@ def _metrics(server: str) -> Any:
     return parse_metrics(response.text)
 
 
+def _metrics_when(server: str, ready: Callable[[Any], bool], timeout: float = 10) -> Any:
+    """The first /metrics samples within ``timeout`` seconds for which ``ready`` holds (else the
+    last ones, for the caller's asserts to report)."""
+    deadline = time.monotonic() + timeout
+    samples = _metrics(server)
+    while not ready(samples) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = _metrics(server)
+    return samples
+
+
 def test_disconnected_clients_leave_nothing_running(server: str, client: Any) -> None:
     aborted_before = metric(_metrics(server), "hwlm:request_success_total", finished_reason="abort")
     long = {"max_tokens": 2000, "extra_body": {"ignore_eos": True}, "stream": True}
@@ -343,10 +354,12 @@ def test_disconnected_clients_leave_nothing_running(server: str, client: Any) ->
     ]
     for stream in streams:
         next(iter(stream))  # a token arrived: the request is running
-    samples = _metrics(server)
-    assert (
-        metric(samples, "hwlm:num_requests_running") + metric(samples, "hwlm:num_requests_waiting")
-        == 4
+    # The engine's load figures reach /metrics a step or so late: wait for them.
+    samples = _metrics_when(
+        server,
+        lambda s: (
+            metric(s, "hwlm:num_requests_running") + metric(s, "hwlm:num_requests_waiting") == 4
+        ),
     )
     assert metric(samples, "hwlm:kv_cache_usage_perc") > 0
     for stream in streams:
@@ -372,7 +385,16 @@ def test_metrics_count_a_request(server: str, client: Any) -> None:
     response = client.completions.create(
         model=MODEL, prompt="Counting tokens", max_tokens=5, extra_body={"ignore_eos": True}
     )
-    after = _metrics(server)
+    # The engine's counters reach /metrics a step or so after the response: wait for the request.
+    after = _metrics_when(
+        server,
+        lambda s: (
+            metric(s, "hwlm:e2e_request_latency_seconds_count")
+            > metric(before, "hwlm:e2e_request_latency_seconds_count")
+            and metric(s, "hwlm:generation_tokens_total")
+            >= metric(before, "hwlm:generation_tokens_total") + 5
+        ),
+    )
 
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
