@@ -56,6 +56,8 @@ class SamplingParams:
     - ``logprobs`` = N returns, per generated token, the N most likely tokens plus the sampled one,
       with ranks (log-probabilities of the model's raw distribution); -1 means the whole
       vocabulary. ``prompt_logprobs`` = N does the same for every prompt token after the first.
+    - ``structured_outputs`` constrains the output to a JSON schema, a regex, a choice or a
+      grammar (``StructuredOutputsParams``; docs/sampling.md).
     """
 
     n: int = 1
@@ -82,6 +84,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -119,6 +122,8 @@ class SamplingParams:
             self.logit_bias = _int_keys(self.logit_bias)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = _structured_from_dict(self.structured_outputs)
 
     def _validate(self) -> None:
         _check_counts(self)
@@ -128,6 +133,14 @@ class SamplingParams:
         _check_logprobs(self)
         _check_stops(self)
         _check_token_controls(self)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ParameterError(
+                "structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
+                f"got {type(self.structured_outputs).__name__}",
+                "structured_outputs",
+            )
 
     # Derived properties -----------------------------------------------------------------------
 
@@ -155,12 +168,19 @@ class SamplingParams:
             and self.min_tokens == 0
             and not self.logit_bias
             and not self.has_penalties
+            and self.structured_outputs is None
         )
 
     @property
     def needs_output_history(self) -> bool:
-        """Whether sampling the next token reads the tokens generated so far."""
-        return self.has_penalties or bool(self.bad_words) or self.min_tokens > 0
+        """Whether sampling the next token reads the tokens generated so far (a grammar's mask
+        depends on every token before it)."""
+        return (
+            self.has_penalties
+            or bool(self.bad_words)
+            or self.min_tokens > 0
+            or self.structured_outputs is not None
+        )
 
     @property
     def stop_strings(self) -> list[str]:
@@ -178,6 +198,104 @@ class SamplingParams:
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names): exactly one of
+
+    - ``json``: a JSON schema (a dict or its JSON text); ``json_object=True``: any JSON object;
+    - ``regex``: the whole output matches it (Rust ``regex`` syntax, as llguidance reads it);
+    - ``choice``: the output is one of these strings;
+    - ``grammar``: a context-free grammar in llguidance's Lark dialect or llama.cpp's GBNF;
+    - ``structural_tag``: vLLM's JSON text ``{"structures": [{"begin", "schema", "end"}],
+      "triggers": [...]}``: free text in which each structure, once its trigger appears, follows
+      its schema.
+
+    ``after_token_ids`` (hwlm's extension): the constraint applies only once the output contains
+    this token sequence (for instance the tokens of ``</think>`` of a reasoning model); before,
+    the output is free. None: from the first token. Errors name the field
+    ``structured_outputs`` (``ParameterError.param``)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    after_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in CONSTRAINT_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            found = ", ".join(given) if given else "none"
+            raise ParameterError(
+                f"structured_outputs needs exactly one of {', '.join(CONSTRAINT_KINDS)}; "
+                f"got {found}",
+                "structured_outputs",
+            )
+        _check_constraint(self, given[0])
+        if self.after_token_ids is not None:
+            ids = self.after_token_ids
+            if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ParameterError(
+                    f"structured_outputs.after_token_ids must be a non-empty list of token ids, "
+                    f"got {ids!r}",
+                    "structured_outputs",
+                )
+            if any(t < 0 for t in ids):
+                raise ParameterError(
+                    f"structured_outputs.after_token_ids must be non-negative, got {ids!r}",
+                    "structured_outputs",
+                )
+            self.after_token_ids = list(ids)
+
+    @property
+    def kind(self) -> str:
+        """The field that holds the constraint (one of ``CONSTRAINT_KINDS``)."""
+        return next(n for n in CONSTRAINT_KINDS if getattr(self, n) not in (None, False))
+
+
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _check_constraint(p: StructuredOutputsParams, kind: str) -> None:
+    value = getattr(p, kind)
+    ok = {
+        "json": isinstance(value, str | dict),
+        "regex": isinstance(value, str),
+        "grammar": isinstance(value, str) and bool(value.strip()),
+        "structural_tag": isinstance(value, str),
+        "json_object": value is True,
+        "choice": isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(c, str) for c in value),
+    }[kind]
+    if not ok:
+        wanted = {
+            "json": "a JSON schema (a dict or a JSON string)",
+            "regex": "a string",
+            "grammar": "a non-empty string",
+            "structural_tag": "a JSON string",
+            "json_object": "True",
+            "choice": "a non-empty list of strings",
+        }[kind]
+        raise ParameterError(
+            f"structured_outputs.{kind} must be {wanted}, got {value!r:.200}", "structured_outputs"
+        )
+    if kind == "choice":
+        p.choice = list(value)
+
+
+def _structured_from_dict(fields: dict[str, Any]) -> StructuredOutputsParams:
+    known = set(StructuredOutputsParams.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ParameterError(
+            f"structured_outputs has unknown fields {unknown}; known: {sorted(known)}",
+            "structured_outputs",
+        )
+    return StructuredOutputsParams(**fields)
 
 
 def _int_keys(bias: dict[Any, float]) -> dict[int, float]:

@@ -7,6 +7,7 @@ that same folder, so both run identical weights on identical prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -21,6 +22,7 @@ import numpy as np
 
 from hwlm.bench.hf_baselines import BaselineResult, make_prompts
 from hwlm.bench.sampling_modes import add_sampling_argument, sampling_kwargs
+from hwlm.bench.structured import add_structured_argument, load_schema
 from hwlm.engine_args import add_cli_args, cli_kwargs
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,12 @@ class ThroughputResult:
     seconds: float
     output_tokens_per_s: float
     requests_per_s: float
+    # With --structured-json ("hwlm+json"): host time filling the grammar's masks, and
+    # advancing the grammars over the sampled tokens.
+    mask_fill_ms_per_step: float | None = None
+    mask_fill_share: float | None = None  # of the run's wall time
+    advance_ms_per_step: float | None = None
+    advance_share: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     add_sampling_argument(parser)
+    add_structured_argument(parser)
     parser.add_argument(
         "--no-detokenize",
         dest="detokenize",
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> list[ThroughputResult]:
         else:
             load_format = args.load_format or ("dummy" if preset is not None else "auto")
             model = args.model
-        results.append(_run_hwlm(args, model, load_format, prompts))
+        results.extend(_run_hwlm(args, model, load_format, prompts))
         if hf_model is not None:
             hf_model = _on_bench_device(hf_model, args.device, args.dtype)
             for baseline in _hf_baselines(args):
@@ -213,9 +222,14 @@ def _prompts(args: argparse.Namespace, preset: dict[str, Any] | None) -> list[li
 
 def _run_hwlm(
     args: argparse.Namespace, model: str, load_format: str, prompts: list[list[int]]
-) -> ThroughputResult:
+) -> list[ThroughputResult]:
+    """hwlm's run; with --structured-json, then the constrained run on the same engine."""
     from hwlm import LLM, SamplingParams
     from hwlm.presets.preset_tokenizers import tokenizer_path
+    from hwlm.sampling.structured import MaskStats
+    from hwlm.sampling_params import StructuredOutputsParams
+
+    schema = load_schema(args.structured_json) if getattr(args, "structured_json", None) else None
 
     settings = cli_kwargs(args)
     settings["load_format"] = load_format
@@ -235,16 +249,50 @@ def _run_hwlm(
     # Warm-up on two whole prompts: compiles the kernels for prefill and decode shapes.
     warm_up = [{"prompt_token_ids": p} for p in prompts[:2]]
     llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    times = []
-    for _ in range(args.repeats):
-        llm.reset_prefix_cache()  # each run starts cold: no prompt is served from a previous run
-        start = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        times.append(time.perf_counter() - start)
-    logger.info("hwlm runs: %s s", ", ".join(f"{t:.2f}" for t in times))
-    seconds = statistics.median_high(times)  # a run that happened, as for the baselines
-    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return ThroughputResult("hwlm", seconds, num_tokens / seconds, len(prompts) / seconds)
+    variants = {"hwlm": params}
+    if schema is not None:
+        structured = StructuredOutputsParams(json=schema)
+        variants["hwlm+json"] = [
+            dataclasses.replace(p, structured_outputs=structured) for p in params
+        ]
+        llm.generate(warm_up, variants["hwlm+json"][:2], use_tqdm=False)  # compiles the grammar
+    masks = llm.engine.runner.sampler.masks
+    masks.stats = MaskStats()
+    results = _timed_runs(llm, variants, prompts, args.repeats)
+    if schema is not None:
+        result = results[-1]
+        stats = masks.stats.as_dict()
+        result.mask_fill_ms_per_step = stats["mask_fill_ms_per_step"]
+        result.mask_fill_share = masks.stats.seconds / args.repeats / result.seconds
+        result.advance_ms_per_step = stats["advance_ms_per_step"]
+        result.advance_share = masks.stats.advance_seconds / args.repeats / result.seconds
+    return results
+
+
+def _timed_runs(
+    llm: Any, variants: dict[str, list[Any]], prompts: list[list[int]], repeats: int
+) -> list[ThroughputResult]:
+    """Each variant's median run; the variants take turns, so a machine's drift in speed
+    affects them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, params in variants.items():
+            llm.reset_prefix_cache()  # each run starts cold: no prompt is served from before
+            start = time.perf_counter()
+            outputs = llm.generate(
+                [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+            )
+            times[name].append(time.perf_counter() - start)
+            tokens[name] = sum(len(o.outputs[0].token_ids) for o in outputs)
+    results = []
+    for name, runs in times.items():
+        logger.info("%s runs: %s s", name, ", ".join(f"{t:.2f}" for t in runs))
+        seconds = statistics.median_high(runs)  # a run that happened, as for the baselines
+        results.append(
+            ThroughputResult(name, seconds, tokens[name] / seconds, len(prompts) / seconds)
+        )
+    return results
 
 
 def _from_baseline(result: BaselineResult) -> ThroughputResult:
@@ -259,10 +307,19 @@ def _report(results: list[ThroughputResult], args: argparse.Namespace) -> None:
         lines.append(
             f"{r.name:<28}{r.seconds:>10.2f}{r.output_tokens_per_s:>15.1f}{r.requests_per_s:>10.3f}"
         )
-    if len(results) > 1:
-        best = max(results[1:], key=lambda r: r.output_tokens_per_s)
+    ours = [r for r in results if r.name.startswith("hwlm")]
+    baselines = [r for r in results if not r.name.startswith("hwlm")]
+    if baselines:
+        best = max(baselines, key=lambda r: r.output_tokens_per_s)
         lines.append(
             f"hwlm / best transformers baseline ({best.name}): {results[0].output_tokens_per_s / best.output_tokens_per_s:.2f}x"
+        )
+    for r in ours[1:]:
+        lines.append(
+            f"{r.name} / hwlm: {r.output_tokens_per_s / ours[0].output_tokens_per_s:.2f}x; "
+            f"masks: {r.mask_fill_ms_per_step:.2f} ms of host time per step "
+            f"({100 * (r.mask_fill_share or 0.0):.1f}% of the run), grammar advance "
+            f"{r.advance_ms_per_step or 0.0:.2f} ms ({100 * (r.advance_share or 0.0):.1f}%)"
         )
     print("\n".join(lines))
     if args.output_json:

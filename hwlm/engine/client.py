@@ -96,6 +96,7 @@ class EngineClient(abc.ABC):
         *,
         stream: bool = True,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. With ``stream`` a delta comes
         after every step that gives it a token, otherwise one when it finishes.
@@ -111,7 +112,13 @@ class EngineClient(abc.ABC):
         try:
             self._send(
                 AddRequest(
-                    request_id, list(prompt_token_ids), options, stream, arrival, self.client_index
+                    request_id,
+                    list(prompt_token_ids),
+                    options,
+                    stream,
+                    arrival,
+                    self.client_index,
+                    priority,
                 )
             )
         except BaseException:

@@ -100,7 +100,13 @@ class EngineCore:
         request_id = message.request_id
         try:
             params = _engine_params(message.params.to_params())
-            self.engine.add_request(request_id, message.prompt_token_ids, params, message.stream)
+            self.engine.add_request(
+                request_id,
+                message.prompt_token_ids,
+                params,
+                message.stream,
+                priority=message.priority,
+            )
         except ParameterError as exc:
             return RequestError(request_id, str(exc), exc.param)
         except Exception as exc:  # a bad prompt (ValueError), or a bug: refuse only this one

@@ -30,7 +30,9 @@ from hwlm.sampling.parallel_sampling import catch_up_forks, fork_ready_samples, 
 from hwlm.sampling.request_checks import check_params, tokenize_bad_words
 from hwlm.sampling.sampler import SampledBatch, SamplerOutput, TopLogprobs
 from hwlm.sampling.stop_checker import check_stop
-from hwlm.sampling_params import SamplingParams
+from hwlm.sampling.structured.advance import advance_grammars
+from hwlm.sampling.structured.manager import StructuredOutputs
+from hwlm.sampling_params import ParameterError, SamplingParams
 from hwlm.text.tokenizer import decode_tokens, load_tokenizer, new_detokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(args.tokenizer or resolved.tokenizer_path)
         start = time.perf_counter()
         model = load_model(
-            resolved, self.model_config, self.backend, self.dtype, args.load_format, args.seed
+            resolved,
+            self.model_config,
+            self.backend,
+            self.dtype,
+            args.load_format,
+            args.seed,
+            args.quantization,
         )
         logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
         self.runner = ModelRunner(model, self.backend, self.config)
@@ -69,6 +77,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.eos_token_ids = self._eos_token_ids()
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+        )
         self.max_logprobs = args.max_logprobs
         self.sampling_defaults = load_sampling_defaults(
             resolved.weights_path or _local_folder(resolved.tokenizer_path)
@@ -85,6 +96,9 @@ class LLMEngine:
             else self.backend.overlap_steps
         )
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not yet read back
+        # Updates of the step in flight when the next step's sampler finished it early (its
+        # grammars' masks need its tokens: ``_finish_before_masks``).
+        self._early_updates: list[RequestUpdate] = []
         freeze_startup_heap()  # full collections would walk the model's objects mid-serving
 
     # Set-up -----------------------------------------------------------------------------------
@@ -103,6 +117,8 @@ class LLMEngine:
             num_kv_blocks=args.num_kv_blocks,
             seed=args.seed,
             enforce_eager=args.enforce_eager,
+            scheduling_policy=args.scheduling_policy,
+            max_request_share=args.max_request_share,
         )
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:
@@ -171,9 +187,18 @@ class LLMEngine:
         prompt: str | dict[str, Any] | list[int],
         params: SamplingParams,
         stream: bool = False,
+        priority: int = 0,
     ) -> None:
         """Queue a request. With ``stream``, ``step()`` also reports it after every new token
-        (cumulative text and token ids); otherwise only once it has finished."""
+        (cumulative text and token ids); otherwise only once it has finished. ``priority``
+        orders requests under the priority scheduling policy (lower first); with fcfs it must
+        be 0, as in vLLM."""
+        if priority and self.config.scheduling_policy != "priority":
+            raise ParameterError(
+                f"priority {priority} needs scheduling_policy 'priority' (it is "
+                f"{self.config.scheduling_policy!r})",
+                "priority",
+            )
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids, params)
         vocab = self.model_config.vocab_size
@@ -182,7 +207,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, text, self.eos_token_ids)
         seq.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [], vocab)
+        if params.structured_outputs is not None:  # compiled (or found in the cache) here
+            seq.grammar = self.structured.new_state(params.structured_outputs)
         seq.stream = stream
+        seq.priority = priority
         if params.stop_strings or (stream and params.detokenize):  # text to check or stream
             seq.detokenizer = new_detokenizer(
                 self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
@@ -253,6 +281,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None if batch.is_empty() else self._launch(batch)
         outputs = self._drain()
+        if self._early_updates:
+            outputs, self._early_updates = self._early_updates + outputs, []
         if self.async_scheduling:
             self._in_flight = launched
         elif launched is not None:
@@ -262,7 +292,12 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch) -> _LaunchedStep:
         """Queue ``batch`` on the device and advance every sequence as if it had run."""
         parents = self._fork_samples(batch.seqs, batch.num_new_tokens)
-        sampled = self.runner.launch(batch)
+        sampler = self.runner.sampler
+        sampler.before_masks = self._finish_before_masks if self._in_flight is not None else None
+        try:
+            sampled = self.runner.launch(batch)
+        finally:
+            sampler.before_masks = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
         catch_up_forks(parents)
@@ -273,6 +308,12 @@ class LLMEngine:
             seq.pending_row = row
         return _LaunchedStep(batch.seqs, sampled)
 
+    def _finish_before_masks(self) -> None:
+        """Finish the step in flight once this step's forward is queued, before its grammars'
+        masks are filled (vLLM's way with async scheduling): the host reads the tokens back,
+        advances the grammars and fills the masks while the device runs the forward."""
+        self._early_updates.extend(self._drain())
+
     def _drain(self) -> list[RequestUpdate]:
         """Finish the step in flight, if any."""
         step, self._in_flight = self._in_flight, None
@@ -280,15 +321,20 @@ class LLMEngine:
 
     def _must_drain(self, step: _LaunchedStep) -> bool:
         """Whether the next step can only be scheduled once ``step``'s tokens are on the host:
-        a sampler that reads the generated tokens (penalties, bad words, min_tokens), or a
-        cache so full that scheduling might preempt a sequence with a token in flight."""
+        a sampler that reads the generated tokens (penalties, bad words, min_tokens), a cache
+        so full that scheduling might preempt a sequence with a token in flight, or a request
+        over its share of the seats while another waits (``Scheduler.wants_seats_back``). A
+        grammar does not: the next step's sampler finishes ``step`` before filling its masks
+        (``_finish_before_masks``)."""
         if step.sampled is not None and any(
-            s.params.needs_output_history for s in step.sampled.seqs
+            _reads_output_tokens(s.params) for s in step.sampled.seqs
         ):
             return True
         running = len(self.scheduler.running)
         budget_blocks = self.config.blocks_for_tokens(self.config.max_num_batched_tokens)
-        return self.block_manager.num_free_blocks < 2 * running + budget_blocks
+        if self.block_manager.num_free_blocks < 2 * running + budget_blocks:
+            return True
+        return self.scheduler.wants_seats_back()
 
     def _finish(self, step: _LaunchedStep) -> list[RequestUpdate]:
         """Bring ``step``'s tokens to the host and apply them: tokens, stops, updates."""
@@ -346,25 +392,49 @@ class LLMEngine:
         return parents
 
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
-        finished: list[str] = []
+        """Append each sequence's token, advance the step's grammars together, then apply the
+        stops; returns the requests that finished."""
+        appended: list[tuple[Sequence, bool]] = []  # (sequence, stopped)
         for i, seq in enumerate(seqs):
             if seq.request_id not in self._requests or seq.is_finished:
                 continue  # failed earlier in this step, aborted, or stopped by the step before
             try:
-                stopped = self._append_token(seq, i, out)
+                appended.append((seq, self._append_token(seq, i, out)))
             except Exception as exc:
-                if not self.isolate_request_errors:
-                    raise
-                self._fail_request(seq.request_id, exc)
+                self._fail_or_raise(seq, exc)
+        rejected = self._advance_grammars([seq for seq, _ in appended if seq.grammar is not None])
+        finished: list[str] = []
+        for seq, stopped in appended:
+            if seq.request_id not in self._requests:
+                continue  # another sequence of its request failed
+            if seq.seq_id in rejected:
+                self._fail_or_raise(seq, rejected[seq.seq_id])
                 continue
+            if seq.grammar is not None and _grammar_stops(seq, stopped):
+                stopped = True
             if stopped:
                 self.scheduler.finish(seq)
                 if all(s.is_finished for s in self._requests[seq.request_id]):
                     finished.append(seq.request_id)
         return finished
 
+    def _fail_or_raise(self, seq: Sequence, exc: Exception) -> None:
+        if not self.isolate_request_errors:
+            raise exc
+        self._fail_request(seq.request_id, exc)
+
+    def _advance_grammars(self, seqs: list[Sequence]) -> dict[int, ValueError]:
+        """Advance the grammars of ``seqs`` over their new tokens in one parallel call; the
+        rejections by ``seq_id`` (only conflicting controls can sample a refused token)."""
+        if not seqs:
+            return {}
+        errors, seconds = advance_grammars(seqs)
+        self.runner.sampler.masks.stats.add_advance(seconds)
+        return {seqs[k].seq_id: error for k, error in errors.items()}
+
     def _append_token(self, seq: Sequence, i: int, out: SamplerOutput) -> bool:
-        """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``."""
+        """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``
+        (its grammar, advanced later for the whole step, may stop it too: ``_grammar_stops``)."""
         token = out.token_ids[i]
         seq.token_ids.append(token)
         new_text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
@@ -454,6 +524,23 @@ class RequestUpdate:
 class _LaunchedStep:
     seqs: list[Sequence]  # the scheduled sequences
     sampled: SampledBatch | None  # their samples, on the device
+
+
+def _reads_output_tokens(params: SamplingParams) -> bool:
+    """``needs_output_history`` without the grammar (see ``LLMEngine._must_drain``)."""
+    if params.structured_outputs is None:
+        return params.needs_output_history
+    return params.has_penalties or bool(params.bad_words) or params.min_tokens > 0
+
+
+def _grammar_stops(seq: Sequence, stopped: bool) -> bool:
+    """Whether ``seq``'s grammar ends it: complete, nothing but EOS could follow. Then its
+    finish reason is "stop", also when max_tokens was reached with the same token."""
+    assert seq.grammar is not None
+    if seq.grammar.is_finished and (not stopped or seq.finish_reason == "length"):
+        seq.finish_reason, seq.stop_reason = "stop", None
+        return True
+    return False
 
 
 def _default_token_budget(args: EngineArgs, backend: Backend) -> int:

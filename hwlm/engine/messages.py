@@ -20,9 +20,30 @@ from typing import Any
 
 import msgspec
 
-from hwlm.sampling_params import SamplingParams
+from hwlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 # To the engine core ------------------------------------------------------------------------------
+
+
+class StructuredOutputsOptions(
+    msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """Every ``StructuredOutputsParams`` field, in wire form."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    after_token_ids: list[int] | None = None
+
+    @classmethod
+    def from_params(cls, params: StructuredOutputsParams) -> StructuredOutputsOptions:
+        return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params)})
+
+    def to_params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(**msgspec.structs.asdict(self))
 
 
 class SamplingOptions(
@@ -54,6 +75,7 @@ class SamplingOptions(
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
 
     @classmethod
     def from_params(cls, params: SamplingParams) -> SamplingOptions:
@@ -61,11 +83,17 @@ class SamplingOptions(
         fields["stop"] = params.stop_strings
         fields["stop_token_ids"] = list(params.stop_token_ids or [])
         fields["bad_words"] = list(params.bad_words or [])
+        if params.structured_outputs is not None:
+            structured = StructuredOutputsOptions.from_params(params.structured_outputs)
+            fields["structured_outputs"] = structured
         return cls(**fields)
 
     def to_params(self) -> SamplingParams:
         """The SamplingParams again; its validation runs (ParameterError names the field)."""
-        return SamplingParams(**msgspec.structs.asdict(self))
+        fields = msgspec.structs.asdict(self)
+        if self.structured_outputs is not None:
+            fields["structured_outputs"] = self.structured_outputs.to_params()
+        return SamplingParams(**fields)
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):
@@ -79,6 +107,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     arrival_time: float
     # Which API process sent it (``--api-server-count``): its answers go there.
     client_index: int = 0
+    priority: int = 0  # the priority scheduling policy's order (lower first)
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

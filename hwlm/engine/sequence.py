@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from hwlm.outputs import PromptLogprobs, SampleLogprobs
+from hwlm.sampling.structured.state import GrammarState
 from hwlm.sampling_params import SamplingParams
 from hwlm.text.detokenizer import Detokenizer
 
@@ -32,6 +33,7 @@ class Sequence:
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
+        self.priority = 0  # the scheduler's priority policy: lower runs first
         self.prompt = prompt
         self.params = params
         self.argmax_only = params.argmax_only  # read by the sampler for every row of every step
@@ -61,6 +63,8 @@ class Sequence:
         self.stream = False  # report after every token, not only when finished
         self.output_text: str | None = None  # the final text when a stop string cut it
         self.bad_words_token_ids: list[list[int]] = []  # params.bad_words, tokenized
+        # params.structured_outputs: the grammar's state, advanced over the output tokens.
+        self.grammar: GrammarState | None = None
         self.prompt_logprobs: PromptLogprobs | None = (
             [None] if params.prompt_logprobs is not None else None
         )
@@ -84,6 +88,8 @@ class Sequence:
         child.num_forks_left = 0
         child.pending_forks = []
         child.generator = None
+        if self.grammar is not None:
+            child.grammar = self.grammar.copy()
         if self.detokenizer is not None:
             child.detokenizer = self.detokenizer.copy()
         return child

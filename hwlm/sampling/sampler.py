@@ -1,8 +1,12 @@
 """Next-token selection for a batch, in batched torch ops on whatever device the logits are on.
 
-vLLM's order: token constraints (allowed tokens, bad words, min_tokens, logit_bias), penalties
-(repetition, frequency, presence), then greedy rows take the argmax and random rows go through
-temperature, min_p, top-k, top-p and sampling.
+vLLM's order: the grammar's mask (structured outputs), token constraints (allowed tokens, bad
+words, min_tokens, logit_bias), penalties (repetition, frequency, presence), then greedy rows take
+the argmax and random rows go through temperature, min_p, top-k, top-p and sampling. The grammar's
+masks are filled on the host here, once the forward pass is queued, so on an accelerator they are
+computed while the device runs it (``hwlm.sampling.structured.bitmask``); with overlapped steps the
+engine finishes the previous step just before (``Sampler.before_masks``), so the grammars have
+seen its tokens.
 
 Random rows draw by inversion: one uniform u per row, and the first token (in vocabulary order)
 whose cumulative probability exceeds u. That samples exactly from p with a single random number
@@ -25,6 +29,7 @@ import torch
 from hwlm.engine.sequence import Sequence
 from hwlm.engine.transfer import CopyAtWait, HostCopy, Transfers, to_device, using
 from hwlm.sampling.penalties import PenaltyTensors, apply_penalties
+from hwlm.sampling.structured.bitmask import BitmaskFiller, StepBitmask, apply_bitmask
 from hwlm.sampling.token_constraints import TokenConstraints
 from hwlm.sampling.truncation import truncate
 
@@ -92,6 +97,11 @@ class Sampler:
     ) -> None:
         self._greedy = greedy
         self._transfers = transfers
+        self.masks = BitmaskFiller()  # structured outputs; its ``stats`` time the host's work
+        # Called once before a grammar's masks are filled, after the forward is queued: the
+        # engine finishes the step in flight there (its tokens advance the grammars), so that
+        # reading those tokens back overlaps this step's forward (overlapped steps).
+        self.before_masks: Callable[[], None] | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_output()
@@ -104,13 +114,17 @@ class Sampler:
             return self._sample(logits, seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+        if self.before_masks is not None and any(s.grammar is not None for s in seqs):
+            hook, self.before_masks = self.before_masks, None
+            hook()
         if all(s.argmax_only and not s.pending_forks for s in seqs):
             tokens, token_logprobs = self._greedy(logits)
             return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
         logits, seqs = _expand_forks(logits, seqs)
+        grammar = self.masks.fill(seqs)  # on the host, while the device computes the logits
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
-        logits = process_logits(logits, seqs)
+        logits = process_logits(logits, seqs, grammar)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -141,8 +155,13 @@ class Sampler:
         return SampledBatch(tokens, copy, wanted, seqs)
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Token constraints, then penalties (nothing is done for rows that use neither)."""
+def process_logits(
+    logits: torch.Tensor, seqs: list[Sequence], grammar: StepBitmask | None = None
+) -> torch.Tensor:
+    """The grammar's mask, token constraints, then penalties (nothing is done for rows that use
+    none of them)."""
+    if grammar is not None:
+        logits = apply_bitmask(logits, grammar)
     constraints = TokenConstraints.build(seqs)
     if constraints is not None:
         logits = constraints.apply(logits)
