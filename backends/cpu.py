@@ -13,7 +13,7 @@ import platform
 import torch
 
 from hwlm.attention import AttentionMetadata
-from hwlm.backend import Backend, ProbeResult
+from hwlm.backend import Backend, ProbeResult, QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def _available_memory() -> int:
 class CPUBackend(Backend):
     name = "cpu"
     supported_dtypes = (torch.float32,)
+    quantizations = ("int8", "int4")  # through ONNX Runtime (backends/cpu_quant.py)
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +74,13 @@ class CPUBackend(Backend):
 
         packed = pack_linear_layers(model)
         logger.info("cpu: %d dense layers repacked for oneDNN", packed)
+
+    def quantized_linear(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, method: str
+    ) -> QuantizedLinear:
+        from .cpu_quant import quantized_linear
+
+        return quantized_linear(weight, bias, method)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out: torch.Tensor = self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps)

@@ -87,13 +87,17 @@ def pack_linear_layers(model: nn.Module) -> int:
     lm_head = getattr(model, "lm_head", None)
     count = 0
     for module in model.modules():
-        if module is lm_head or not isinstance(module, Linear):
-            continue
+        if module is lm_head or not isinstance(module, Linear) or module.kernel is not None:
+            continue  # the head is packed below; a kernel already set is a quantized one
         if onednn_usable(module.weight.dtype):
             module.kernel = PackedLinear(module.weight, module.bias)
             _release(module.weight)
             count += 1
-    if isinstance(model, CausalLM) and onednn_usable(model.lm_head.weight.dtype):
+    if (
+        isinstance(model, CausalLM)
+        and model.logits_kernel is None
+        and onednn_usable(model.lm_head.weight.dtype)
+    ):
         model.logits_kernel = PackedLinear(model.lm_head.weight, None)
         if isinstance(model.lm_head, Linear):
             _release(model.lm_head.weight)

@@ -13,6 +13,9 @@ A backend is a class (one instance per device) with a handful of members:
   fused ops; the defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
+- ``quantizations`` and ``quantized_linear(weight, bias, method)``: optional, the weight
+  quantizations (``int8``, ``int4``) a backend runs and the kernel of one quantized dense layer;
+  the default runs none and refuses with a one-line error (docs/quantization.md).
 - ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
   eager execution (the cuda backend's CUDA graphs), or None.
 - Device policy, optional, answered differently by devices that run asynchronously to the host
@@ -38,6 +41,23 @@ if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
 
 INTERFACE_VERSION = 1
+
+
+class QuantizedLinear(Protocol):
+    """One dense layer with quantized weights: ``y = x W_q^T + b`` for ``x`` [..., in]."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weights the kernel multiplies by (quantized, then
+        dequantized): what a reference computes with to check the kernel alone."""
+        ...
+
+
+def unsupported_quantization(backend: str, method: str, supported: tuple[str, ...]) -> str:
+    """The one-line error for a quantization a backend cannot run."""
+    runs = ", ".join(supported) if supported else "none"
+    return f"quantization {method!r} is not supported by the {backend} backend (it runs: {runs})"
 
 
 class DecodeRunner(Protocol):
@@ -74,6 +94,8 @@ class Backend(ABC):
     # scheduler allows, so that the budget can count a step's peak memory. Otherwise the engine
     # warms up with two small steps, which compile what the first requests would wait for.
     profile_memory_with_warm_up: ClassVar[bool] = False
+    # The weight quantizations ``quantized_linear`` accepts (names from ``EngineArgs``).
+    quantizations: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -175,6 +197,14 @@ class Backend(ABC):
         """Called once with the loaded model, before the first forward; the default keeps torch's
         own dense layers."""
         return None
+
+    def quantized_linear(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, method: str
+    ) -> QuantizedLinear:
+        """A kernel for the dense layer ``x weight^T + bias`` with ``weight`` [out, in] quantized
+        by ``method`` (one of ``quantizations``); called at load time, once per layer and for the
+        LM head. The kernel keeps what it needs, so the caller may free ``weight``."""
+        raise ValueError(unsupported_quantization(self.name, method, self.quantizations))
 
     def capture_decode(
         self,

@@ -28,7 +28,9 @@ class Linear(nn.Module):
     projections stacked along the output dimension (qkv, gate/up): the loader fills each shard.
 
     A backend's ``prepare_model`` may set ``kernel``: a callable computing the same product from
-    weights it has repacked (the CPU backend's oneDNN layout), used instead of ``F.linear``."""
+    weights it has repacked (the CPU backend's oneDNN layout), used instead of ``F.linear``.
+    ``quantize`` sets it to the backend's quantized kernel instead (``quantization`` names the
+    method); a backend leaves layers that already have a kernel as they are."""
 
     def __init__(
         self, in_features: int, output_sizes: int | list[int], bias: bool, dtype: torch.dtype
@@ -39,11 +41,27 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
         self.kernel: LinearKernel | None = None
+        self.quantization: str | None = None
+
+    def quantize(self, backend: Backend, method: str) -> None:
+        """Run through ``backend``'s kernel for weights quantized by ``method``; the float weights
+        (and bias, which the kernel adds) are freed."""
+        bias = None if self.bias is None else self.bias.detach()
+        self.kernel = backend.quantized_linear(self.weight.detach(), bias, method)
+        self.quantization = method
+        release(self.weight)
+        if self.bias is not None:
+            release(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
+
+
+def release(param: torch.Tensor) -> None:
+    """Free a parameter whose values now live only in a kernel's own copy."""
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
 class Embedding(nn.Module):

@@ -23,6 +23,7 @@ from hwlm import presets
 from hwlm.backend import Backend
 from hwlm.config import ModelConfig
 from hwlm.models import CausalLM, build_model
+from hwlm.models.quantization import check_quantization, quantize_model
 from hwlm.presets import preset_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -74,17 +75,20 @@ def load_model(
     dtype: torch.dtype,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> CausalLM:
     """Build the model on the backend's device in ``dtype`` and fill its weights: from the
     checkpoint in ``resolved.weights_path``, or random (seeded with ``seed``) when the format is
-    "dummy" or there is no checkpoint. Raises ValueError when the checkpoint is missing or does
-    not match the config."""
+    "dummy" or there is no checkpoint; then, with ``quantization``, quantize its dense layers
+    (``hwlm.models.quantization``). Raises ValueError when the checkpoint is missing or does
+    not match the config, or the backend cannot run ``quantization``."""
     _check_load_format(load_format)
+    check_quantization(quantization, backend)
     model = build_model(model_config, backend, dtype)
     with torch.no_grad():
         if load_format == "dummy" or resolved.weights_path is None:
             init_dummy_weights(model, seed)
-            return model.eval()
+            return _quantized(model, backend, quantization).eval()
         files = weight_files(Path(resolved.weights_path), load_format)
         if not files:
             kinds = {"safetensors": "*.safetensors", "pt": "*.bin"}
@@ -100,7 +104,14 @@ def load_model(
         resolved.weights_path,
         time.perf_counter() - start,
     )
-    return model.eval()
+    return _quantized(model, backend, quantization).eval()
+
+
+def _quantized(model: CausalLM, backend: Backend, quantization: str | None) -> CausalLM:
+    if quantization is not None:
+        with torch.no_grad():
+            quantize_model(model, backend, quantization)
+    return model
 
 
 def init_dummy_weights(model: CausalLM, seed: int = 0) -> None:

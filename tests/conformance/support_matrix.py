@@ -31,6 +31,8 @@ def family_of(item: pytest.Item) -> tuple[str, str] | None:
         return item.name.split("[")[0].removeprefix("test_"), params["cache_case"][0]
     if "arch" in params:
         return f"end-to-end greedy = transformers ({params['arch']})", "float32"
+    if "quant_case" in params:
+        return f"quantized linear {params['quant_case'].method}", "float32"
     if "norm_dtype" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["norm_dtype"]
     return None

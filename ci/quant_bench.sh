@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# CPU quantization speed: C1 (`hwlm bench throughput --workload c1`, 32 prompts, 64 output tokens)
+# and single-stream decode (1 prompt of 32 tokens, 128 output tokens), each with float32, int8
+# and int4 weights, alternating, ROUNDS times (default 2); then the median of each. The
+# quantized graphs are cached (HWLM_QUANT_CACHE), so only the first round quantizes; loading is
+# not timed either way. HWLM overrides the command (e.g. "python3 -m hwlm.cli" in a checkout),
+# OUT the folder for the JSON results.
+set -euo pipefail
+ROUNDS=${ROUNDS:-2}
+OUT=${OUT:-$(mktemp -d)}
+read -r -a hwlm <<<"${HWLM:-hwlm}"
+single=(--model c1-llama --num-prompts 1 --input-len-min 32 --input-len-max 32 --output-len 128)
+for round in $(seq "$ROUNDS"); do
+    for q in float32 int8 int4; do
+        flags=()
+        [ "$q" = float32 ] || flags=(--quantization "$q")
+        "${hwlm[@]}" bench throughput --workload c1 "${flags[@]}" \
+            --output-json "$OUT/c1-$q-$round.json" >"$OUT/c1-$q-$round.log" 2>&1
+        "${hwlm[@]}" bench throughput "${single[@]}" "${flags[@]}" \
+            --output-json "$OUT/single-$q-$round.json" >"$OUT/single-$q-$round.log" 2>&1
+        echo "round $round $q done" >&2
+    done
+done
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+def rate(path: Path) -> float:
+    data = json.loads(path.read_text())
+    rows = data if isinstance(data, list) else data.get("results", [data])
+    return float(next(r for r in rows if r["name"] == "hwlm")["output_tokens_per_s"])
+
+print(f"{'workload':10} {'weights':8} {'median tok/s':>13} {'x float32':>10}  runs")
+for work in ("c1", "single"):
+    base = None
+    for q in ("float32", "int8", "int4"):
+        runs = [rate(p) for p in sorted(out.glob(f"{work}-{q}-*.json"))]
+        med = statistics.median(runs)
+        base = base or med
+        listed = " ".join(f"{r:.1f}" for r in runs)
+        print(f"{work:10} {q:8} {med:13.1f} {med / base:10.2f}  {listed}")
+print(f"results and logs: {out}")
+PY
