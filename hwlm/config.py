@@ -200,8 +200,18 @@ class EngineConfig:
     num_kv_blocks: int | None = arg_default("num_kv_blocks")
     seed: int = arg_default("seed")
     enforce_eager: bool = arg_default("enforce_eager")  # True: no CUDA graphs
+    scheduling_policy: str = arg_default("scheduling_policy")
+    max_request_share: float = arg_default("max_request_share")
 
     def __post_init__(self) -> None:
+        _require(
+            self.scheduling_policy in ("fcfs", "priority"),
+            f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}",
+        )
+        _require(
+            0.0 < self.max_request_share <= 1.0,
+            f"max_request_share must be in (0, 1], got {self.max_request_share}",
+        )
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _require(self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+# Weight quantizations, applied to the float weights at load time (docs/quantization.md).
+QUANTIZATIONS = ("int8", "int4")
 
 
 def _setting(
@@ -72,6 +75,17 @@ class EngineArgs:
         default_help="the model's max_position_embeddings",
     )
     max_num_seqs: int = _setting(256, "most sequences in one batch")
+    scheduling_policy: str = _setting(
+        "fcfs",
+        "which waiting request runs first: fcfs (arrival order) or priority (a request's "
+        "priority, lower first, then arrival; the lowest is preempted first)",
+        choices=SCHEDULING_POLICIES,
+    )
+    max_request_share: float = _setting(
+        0.5,
+        "the most of max_num_seqs one request (all its prompts and samples) may hold while "
+        "other requests wait; 1 turns the limit off",
+    )
     max_num_batched_tokens: int | None = _setting(
         None,
         "token budget of one step; longer prompts are prefilled in chunks",
@@ -93,6 +107,13 @@ class EngineArgs:
         "auto",
         "weights format; dummy: random weights from the model's config",
         choices=LOAD_FORMATS,
+    )
+    quantization: str | None = _setting(
+        None,
+        "quantize the dense layers' weights at load time: int8 (per channel) or int4 (blocks of "
+        "128); cpu backend only, through ONNX Runtime (pip install 'hwlm[cpu-quant]')",
+        choices=QUANTIZATIONS,
+        default_help="none, the model's float weights",
     )
     tokenizer: str | None = _setting(None, "tokenizer folder or hub id", default_help="the model's")
     enforce_eager: bool = _setting(

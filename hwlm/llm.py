@@ -77,17 +77,22 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: SequenceABC[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of ``prompts``."""
+        """Generate for every prompt; outputs come back in the order of ``prompts``.
+        ``priority`` (one per prompt, lower first) needs ``scheduling_policy="priority"``."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _as_params_list(sampling_params, len(prompt_list))
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority has {len(priority)} values for {len(prompt_list)} prompts")
+        priorities = priority if priority is not None else [0] * len(prompt_list)
         ids = []
         try:
-            for prompt, params in zip(prompt_list, params_list, strict=True):
+            for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, priority=prio)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:
