@@ -479,7 +479,8 @@ def test_shutdown_leaves_no_process_behind(
         await stream.__anext__()
         client.shutdown(timeout=0)  # as a second Ctrl-C does: fail what runs, do not wait
         with pytest.raises(EngineDeadError):
-            await stream.__anext__()
+            async for delta in stream:  # what arrived before the shutdown, then the error
+                assert not delta.finished
 
     output, _ = run(
         loop, collect(client, prompt_ids, SamplingParams(max_tokens=3), tokenizer, True)
@@ -505,4 +506,4 @@ def test_a_bad_model_fails_start_up_in_one_line(device: str) -> None:
     message = str(caught.value)
     assert "does not exist" in message and "\n" not in message
     assert time.monotonic() - start < 60
-    assert set(engine_children()) == others
+    assert set(engine_children()) <= others  # (an earlier test's engine may still be exiting)

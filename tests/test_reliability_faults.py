@@ -52,9 +52,13 @@ def _poison_requests(llm_engine: Any) -> None:
     add = llm_engine.add_request
 
     def add_request(
-        request_id: str, prompt: Any, params: SamplingParams, stream: bool = False
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        stream: bool = False,
+        priority: int = 0,
     ) -> None:
-        add(request_id, prompt, params, stream)
+        add(request_id, prompt, params, stream, priority=priority)
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
         if isinstance(text, str) and POISON in text:
             for seq in llm_engine._requests[request_id]:

@@ -44,7 +44,9 @@ def server(device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
 
 def _v1_operations(url: str) -> list[tuple[str, str]]:
-    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()[
+        "paths"
+    ]
     operations = [
         (method.upper(), path)
         for path, methods in paths.items()

@@ -88,7 +88,12 @@ class FakeEngine:
         )()
 
     def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams, stream: bool = False
+        self,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        stream: bool = False,
+        priority: int = 0,
     ) -> None:
         if prompt == "bad":
             raise ValueError("this prompt is bad")

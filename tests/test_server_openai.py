@@ -456,6 +456,9 @@ PARAM_ERRORS = [
     ({"messages": MESSAGES, "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "hi", "bad_words": [""]}, "bad_words"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
+    # The engine refuses a priority under the default fcfs policy (vLLM's rule).
+    ({"prompt": "hi", "priority": 1}, "priority"),
+    ({"messages": MESSAGES, "priority": -2}, "priority"),
 ]
 
 

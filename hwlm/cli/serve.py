@@ -18,7 +18,13 @@ from typing import Any
 
 from hwlm.engine.heap import freeze_startup_heap
 from hwlm.engine_args import add_cli_args, from_cli_args
-from hwlm.server.options import add_server_options, cors_settings, server_limits
+from hwlm.server.options import (
+    add_chat_options,
+    add_server_options,
+    chat_settings,
+    cors_settings,
+    server_limits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +50,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})",
+        help="require 'Authorization: Bearer KEY' on every route but /health, /ping, "
+        f"/version and /metrics (default: ${API_KEY_ENV})",
     )
     serve.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
@@ -68,6 +75,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="uvicorn's logging level, access log included (default: info)",
     )
     add_server_options(serve)
+    add_chat_options(serve)
     add_cli_args(serve)
     serve.set_defaults(func=run_serve)
     return serve
@@ -175,8 +183,11 @@ def _serve(
 
     from hwlm.server.api import build_app
     from hwlm.server.chat_template import load_chat_template
+    from hwlm.server.connections import guarded_protocol
+    from hwlm.server.log_redaction import install_redaction
 
     chat_template = load_chat_template(args.chat_template)
+    chat = chat_settings(args, chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     served_model_name = args.served_model_name or args.model
     engine, seam = engine_and_seam if engine_and_seam is not None else _build_engine(args)
@@ -188,6 +199,7 @@ def _serve(
             server_limits(args),
             cors_settings(args),
             chat_template=chat_template,
+            chat=chat,
         )
         loop, http = event_loop_and_http_parser()
         config = uvicorn.Config(
@@ -195,10 +207,12 @@ def _serve(
             host=args.host,
             port=args.port,
             loop=loop,
-            http=http,
+            http=guarded_protocol(http, args.header_timeout, args.max_connections or None),
             log_level=args.uvicorn_log_level,
             timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
+            timeout_keep_alive=max(1, round(args.keep_alive_timeout)),
         )
+        install_redaction([api_key] if api_key else [])  # uvicorn.Config set up logging
         server = _make_server(uvicorn, config, engine, app)
         guard.server = server
         freeze_startup_heap()
@@ -208,7 +222,7 @@ def _serve(
             served_model_name,
             args.host,
             sockets[0].getsockname()[1],  # the port bound, should --port be 0
-            " (API key required on /v1)" if api_key else "",
+            " (API key required)" if api_key else "",
         )
         try:
             server.run(sockets=sockets)

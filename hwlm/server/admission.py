@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hwlm.server.errors import APIError
+from hwlm.server.errors import APIError, quote
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RETRY_AFTER_S = 1
@@ -25,7 +25,10 @@ class ServerLimits:
     max_tokens: int | None = None
     max_n: int = 16
     max_stop_strings: int = 16
-    max_waiting_requests: int | None = 1024
+    max_waiting_requests: int | None = 1024  # counted in sequences (see num_sequences)
+    max_logprob_entries: int | None = 2**18  # in one response (see hwlm.server.logprob_budget)
+    body_timeout_s: float = 60.0  # to receive a request's whole body
+    metrics_require_key: bool = False  # /metrics needs the API key too
 
 
 def check_request(request: Any, limits: ServerLimits) -> None:
@@ -46,7 +49,7 @@ def check_request(request: Any, limits: ServerLimits) -> None:
     for i, message in enumerate(getattr(request, "messages", None) or []):
         if message.role not in CHAT_ROLES:
             raise APIError(
-                f"messages[{i}].role {message.role!r} is not one of {sorted(CHAT_ROLES)}",
+                f"messages[{i}].role {quote(message.role)} is not one of {sorted(CHAT_ROLES)}",
                 param="messages",
             )
 
@@ -68,12 +71,19 @@ def num_prompts(request: Any) -> int:
     return 1
 
 
+def num_sequences(request: Any) -> int:
+    """How many sequences a completion or chat request runs: each prompt's ``best_of`` (at
+    least ``n``) samples."""
+    samples = max(getattr(request, "n", 1) or 1, getattr(request, "best_of", None) or 1)
+    return num_prompts(request) * samples
+
+
 def check_capacity(
     num_waiting: int, limits: ServerLimits, draining: bool, incoming: int = 1
 ) -> None:
     """503 with Retry-After while the server drains for shutdown, or when ``incoming`` more
-    requests would overfill the waiting queue (``num_waiting`` accepted but not yet scheduled);
-    400 for a request with more prompts than the queue can ever hold."""
+    sequences would overfill the waiting queue (``num_waiting`` accepted but not yet scheduled);
+    400 for a request with more sequences (prompts x samples) than the queue can ever hold."""
     if draining:
         raise APIError(
             "the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -81,7 +91,9 @@ def check_capacity(
     bound = limits.max_waiting_requests
     if bound is not None and incoming > bound:
         raise APIError(
-            f"a request may hold at most {bound} prompts, got {incoming}", param="prompt"
+            f"a request may run at most {bound} sequences (prompts x max(n, best_of)), got "
+            f"{incoming}",
+            param="prompt",
         )
     if bound is not None and num_waiting + incoming > bound:
         raise APIError(

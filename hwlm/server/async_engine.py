@@ -79,6 +79,7 @@ class _Add:
     params: SamplingParams
     stream_outputs: bool
     arrival: float
+    priority: int = 0
 
 
 @dataclass
@@ -228,6 +229,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         *,
         stream: bool = True,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. With ``stream`` the returned
         stream yields an output after every token, otherwise only the final one.
@@ -240,7 +242,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = request_stream
-        self._post(_Add(request_stream, prompt, params, stream, time.monotonic()))
+        self._post(_Add(request_stream, prompt, params, stream, time.monotonic(), priority))
         try:
             await request_stream.wait_accepted()
         except BaseException:
@@ -392,7 +394,11 @@ class AsyncLLMEngine:
                 return  # aborted before it reached the engine
         try:
             self.engine.add_request(
-                request_id, command.prompt, command.params, command.stream_outputs
+                request_id,
+                command.prompt,
+                command.params,
+                command.stream_outputs,
+                priority=command.priority,
             )
         except Exception as exc:
             with self._lock:

@@ -7,7 +7,7 @@ from typing import Any
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.errors import APIError, invalid_request
+from hwlm.server.errors import APIError, invalid_request, quote
 from hwlm.server.protocol import SamplingRequest
 
 
@@ -15,7 +15,7 @@ def check_model(requested: str | None, served_model_name: str) -> None:
     """404 unless the request names the served model (or names none)."""
     if requested is not None and requested != served_model_name:
         raise APIError(
-            f"the model {requested!r} does not exist; this server serves {served_model_name!r}",
+            f"the model {quote(requested)} does not exist; this server serves {served_model_name!r}",
             404,
             param="model",
             code="model_not_found",

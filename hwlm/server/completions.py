@@ -29,6 +29,7 @@ from hwlm.server.engine_seam import Prompt, Seam
 from hwlm.server.errors import APIError
 from hwlm.server.logprobs import completion_logprobs, concat_logprobs, prompt_logprobs
 from hwlm.server.protocol import CompletionRequest
+from hwlm.server.structured_request import check_constraint, constrain, request_constraint
 
 RawPrompt = str | list[int]
 
@@ -53,6 +54,9 @@ class CompletionShape:
         self._echo_only = request.echo and request.max_tokens == 0
         self._prompts: list[Prompt] = []
         self._echoes: list[_Echo] = []  # per prompt, with echo
+        # Built once per prompt, shared by its n choices (they are the same for every sample).
+        self._echo_logprobs: dict[int, dict[str, Any] | None] = {}
+        self._prompt_logprobs_json: dict[int, list[dict[str, Any] | None] | None] = {}
 
     async def plan(self, seam: Seam) -> RequestPlan:
         request = self.request
@@ -63,6 +67,10 @@ class CompletionShape:
             raise APIError("max_tokens=0 (echo only) needs stream=false", param="max_tokens")
         max_tokens = 1 if self._echo_only else request.max_tokens  # the token is dropped
         params = sampling_params(request, max_tokens, request.logprobs, seam.sampling_defaults)
+        constraint = request_constraint(request.constraint_fields())
+        if constraint is not None:
+            constrain(params, constraint)
+            await check_constraint(params, constraint, seam.tokenizer)
         if request.echo and request.logprobs is not None:  # echoed logprobs are the prompt's
             params.prompt_logprobs = max(params.prompt_logprobs or 0, request.logprobs)
         prompts = await _tokenized(seam, _raw_prompts(request.prompt), request.max_tokens)
@@ -121,7 +129,7 @@ class CompletionShape:
         else:
             choice = self.chunk_choice(update)
         asked = self.request.prompt_logprobs is not None
-        choice["prompt_logprobs"] = prompt_logprobs(update.prompt_logprobs) if asked else None
+        choice["prompt_logprobs"] = self._prompt_logprobs_of(update) if asked else None
         return choice
 
     def _logprobs(self, update: ChoiceUpdate, text_offset: int) -> dict[str, Any] | None:
@@ -134,8 +142,22 @@ class CompletionShape:
             update.token_ids[start:end], update.logprobs[start:end], top_n, text_offset
         )
 
+    def _prompt_logprobs_of(self, update: ChoiceUpdate) -> list[dict[str, Any] | None] | None:
+        """vLLM's ``prompt_logprobs`` of the update's prompt, built once per prompt."""
+        index = update.prompt_index
+        if index not in self._prompt_logprobs_json:
+            self._prompt_logprobs_json[index] = prompt_logprobs(update.prompt_logprobs)
+        return self._prompt_logprobs_json[index]
+
     def _prompt_logprobs(self, echo: _Echo, update: ChoiceUpdate) -> dict[str, Any] | None:
-        """The echoed prompt tokens' logprobs (None unless asked for and computed)."""
+        """The echoed prompt tokens' logprobs (None unless asked for and computed), built once
+        per prompt."""
+        index = update.prompt_index
+        if index not in self._echo_logprobs:
+            self._echo_logprobs[index] = self._build_prompt_logprobs(echo, update)
+        return self._echo_logprobs[index]
+
+    def _build_prompt_logprobs(self, echo: _Echo, update: ChoiceUpdate) -> dict[str, Any] | None:
         top_n = self.request.logprobs
         if top_n is None or update.prompt_logprobs is None:
             return None

@@ -11,9 +11,9 @@ a thread, the default), ``hwlm.server.engine_seam_mp.ProcessEngineSeam`` over a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
@@ -21,6 +21,17 @@ from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStat
 from hwlm.server.metrics import MetricsSnapshot
 
 __all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "Seam", "abort_all"]
+
+T = TypeVar("T")
+
+OFF_LOOP_SIZE = 8192  # texts (and token lists) longer than this are (de)tokenized on a thread
+
+
+async def maybe_off_loop(size: int, fn: Callable[[], T]) -> T:
+    """``fn()``, on a worker thread when the input is big (so the event loop keeps serving)."""
+    if size > OFF_LOOP_SIZE:
+        return await asyncio.to_thread(fn)
+    return fn()
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,13 @@ class Seam(Protocol):
     async def detokenize(self, token_ids: list[int]) -> str: ...
     async def token_strings(self, token_ids: list[int]) -> list[str]: ...
     async def submit(
-        self, base_id: str, prompts: Sequence[Prompt], params: SamplingParams, *, stream: bool
+        self,
+        base_id: str,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        stream: bool,
+        priority: int = 0,
     ) -> list[OutputStream]: ...
 
 
@@ -130,15 +147,27 @@ class EngineSeam:
 
     # Text -----------------------------------------------------------------------------------------
 
+    # Here, not on the engine thread, so that a long text never stalls generation (the fast
+    # tokenizer releases the GIL while it works, and nothing here changes its settings).
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self._engine.tokenize(text, add_special_tokens=add_special_tokens)
+        tok = self._engine.tokenizer
+        return await maybe_off_loop(
+            len(text), lambda: list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        )
 
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of ``token_ids``, special tokens included."""
-        return await self._engine.detokenize(token_ids)
+        tok = self._engine.tokenizer
+        return await maybe_off_loop(
+            len(token_ids), lambda: str(tok.decode(token_ids, skip_special_tokens=False))
+        )
 
     async def token_strings(self, token_ids: list[int]) -> list[str]:
-        return await self._engine.token_strings(token_ids)
+        tok = self._engine.tokenizer
+        return await maybe_off_loop(
+            len(token_ids), lambda: list(tok.convert_ids_to_tokens(token_ids))
+        )
 
     # Requests -------------------------------------------------------------------------------------
 
@@ -149,14 +178,17 @@ class EngineSeam:
         params: SamplingParams,
         *,
         stream: bool,
+        priority: int = 0,
     ) -> list[OutputStream]:
         """One engine request per prompt (ids ``base_id-i``), all or none: if the engine rejects
         one (ValueError, or ParameterError naming the field), the others are aborted and its
         error is raised; EngineDeadError if the engine is dead. With ``stream`` a request reports
-        every token, otherwise only its end."""
+        every token, otherwise only its end. ``priority``: the scheduler's priority policy."""
         return await submit_all(
             [
-                self._engine.add_request(f"{base_id}-{i}", _engine_prompt(p), params, stream=stream)
+                self._engine.add_request(
+                    f"{base_id}-{i}", _engine_prompt(p), params, stream=stream, priority=priority
+                )
                 for i, p in enumerate(prompts)
             ]
         )

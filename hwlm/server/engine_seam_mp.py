@@ -250,15 +250,24 @@ class ProcessEngineSeam:
     # Requests -------------------------------------------------------------------------------------
 
     async def submit(
-        self, base_id: str, prompts: Sequence[Prompt], params: SamplingParams, *, stream: bool
+        self,
+        base_id: str,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        stream: bool,
+        priority: int = 0,
     ) -> list[OutputStream]:
         """As ``EngineSeam.submit``: all or none, the first error raised."""
         return await submit_all(
-            [self._add(f"{base_id}-{i}", p, params, stream) for i, p in enumerate(prompts)]
+            [
+                self._add(f"{base_id}-{i}", p, params, stream, priority)
+                for i, p in enumerate(prompts)
+            ]
         )
 
     async def _add(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, stream: bool
+        self, request_id: str, prompt: Prompt, params: SamplingParams, stream: bool, priority: int
     ) -> ProcessOutputStream:
         assembler = RequestOutputAssembler(
             request_id,
@@ -270,7 +279,7 @@ class ProcessEngineSeam:
             track_new_text=stream,  # for choice_feed
         )
         request_stream = await self._client.add_request(
-            request_id, prompt.token_ids, params, stream=stream
+            request_id, prompt.token_ids, params, stream=stream, priority=priority
         )
         return ProcessOutputStream(request_stream, assembler)
 

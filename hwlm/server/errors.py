@@ -22,6 +22,24 @@ from hwlm.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
+QUOTE_CHARS = 200  # the most characters of a client's input an error message repeats
+MAX_MESSAGE_CHARS = 400  # a longer message (one quoting input it did not cut) is cut
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: how error messages quote input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_MESSAGE_CHARS
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({cut} more characters)"
+
 
 class APIError(Exception):
     """Raised by handlers; answered with ``status`` and an OpenAI error body."""
@@ -36,6 +54,7 @@ class APIError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.message = message
         self.status = status
@@ -76,7 +95,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for error in exc.errors():
         if error.get("type") == "json_invalid":
             return f"the body is not valid JSON: {error.get('ctx', {}).get('error', '')}", None
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        loc = [str(p)[:QUOTE_CHARS] for p in error.get("loc", ()) if p != "body"]
         by_field.setdefault(loc[0] if loc else "", []).append({**error, "loc": loc})
     parts = []
     for field, errors in by_field.items():

@@ -34,8 +34,48 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests",
         type=int,
         default=1024,
-        help="requests allowed to wait for the scheduler; beyond it new ones get 503 with "
-        "Retry-After (0: no limit; default: 1024)",
+        help="sequences (prompts x max(n, best_of)) allowed to wait for the scheduler; beyond "
+        "it new requests get 503 with Retry-After (0: no limit; default: 1024)",
+    )
+    limits.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=2**18,
+        help="most logprob entries one response may carry (choices x tokens x (top logprobs "
+        "+ 1), echoed and prompt tokens included); more get 400 (0: no limit; default: "
+        "%(default)s)",
+    )
+    conns = parser.add_argument_group("connections")
+    conns.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection may take to send a request's headers (after opening, or "
+        "after the last response); then it is closed (default: %(default)s)",
+    )
+    conns.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request may take to send its whole body; then 408 (default: %(default)s)",
+    )
+    conns.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default: %(default)s)",
+    )
+    conns.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        help="open connections allowed; one more is answered 503 and closed (0: no limit; "
+        "default: %(default)s)",
+    )
+    conns.add_argument(
+        "--metrics-require-key",
+        action="store_true",
+        help="with an API key, /metrics needs it too (default: /metrics is open, as /health)",
     )
     cors = parser.add_argument_group("CORS (off unless --allowed-origins is given)")
     cors.add_argument(
@@ -75,6 +115,51 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_chat_options(parser: argparse.ArgumentParser) -> None:
+    """vLLM's tool-calling and reasoning flags."""
+    from hwlm.server.reasoning.registry import reasoning_parser_names
+    from hwlm.server.tools.registry import tool_parser_names
+
+    chat = parser.add_argument_group("tool calling and reasoning (/v1/chat/completions)")
+    chat.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto", the default with tools); '
+        "needs --tool-call-parser",
+    )
+    chat.add_argument(
+        "--tool-call-parser",
+        choices=tool_parser_names(),
+        default=None,
+        help="the format the model writes tool calls in (hermes: Hermes, Qwen2.5, Qwen3; "
+        "llama3_json: Llama 3.1/3.2; mistral)",
+    )
+    chat.add_argument(
+        "--reasoning-parser",
+        choices=reasoning_parser_names(),
+        default=None,
+        help="return the model's <think> reasoning as reasoning_content (qwen3, deepseek_r1)",
+    )
+
+
+def chat_settings(args: argparse.Namespace, chat_template: str | None) -> Any:
+    """The chat options of the flags; ValueError for --enable-auto-tool-choice without a
+    parser."""
+    from hwlm.server.chat import ChatSettings
+    from hwlm.server.reasoning.registry import get_reasoning_format
+    from hwlm.server.tools.choice import ToolSettings
+    from hwlm.server.tools.registry import get_tool_format
+
+    auto = getattr(args, "enable_auto_tool_choice", False)
+    parser = getattr(args, "tool_call_parser", None)
+    if auto and parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    tools = ToolSettings(auto, get_tool_format(parser) if parser else None)
+    reasoning_name = getattr(args, "reasoning_parser", None)
+    reasoning = get_reasoning_format(reasoning_name) if reasoning_name else None
+    return ChatSettings(chat_template, tools, reasoning)
+
+
 def server_limits(args: argparse.Namespace) -> Any:
     from hwlm.server.admission import ServerLimits
 
@@ -84,6 +169,9 @@ def server_limits(args: argparse.Namespace) -> Any:
         max_n=args.max_n,
         max_stop_strings=args.max_stop_strings,
         max_waiting_requests=args.max_waiting_requests or None,
+        max_logprob_entries=args.max_logprob_entries or None,
+        body_timeout_s=args.body_timeout,
+        metrics_require_key=args.metrics_require_key,
     )
 
 

@@ -47,7 +47,13 @@ async def serve_generation(
     plan = await shape.plan(seam)
     request_id = random_id(shape.id_prefix)
     try:
-        streams = await seam.submit(request_id, plan.prompts, plan.params, stream=request.stream)
+        streams = await seam.submit(
+            request_id,
+            plan.prompts,
+            plan.params,
+            stream=request.stream,
+            priority=request.priority,
+        )
     except ValueError as exc:  # the engine rejected a prompt or a parameter
         raise invalid_request(exc, default=plan.param) from exc
     logger.debug("%s: %d prompt(s), stream=%s", request_id, len(streams), request.stream)

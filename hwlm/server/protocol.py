@@ -3,7 +3,7 @@ response bodies; the generation responses are built as dicts by their endpoint s
 (``hwlm.server.completions``, ``hwlm.server.chat``).
 
 Unknown request fields are ignored, as OpenAI and vLLM do. Sampling fields go to ``SamplingParams``
-under vLLM's names; fields hwlm cannot honour (tools, suffix, ...) are accepted only at their
+under vLLM's names; fields hwlm cannot honour (suffix, functions, ...) are accepted only at their
 neutral value: ``unsupported()`` names the first one set otherwise, and the server answers 400
 rather than silently ignoring it. Value ranges are checked by ``SamplingParams`` itself.
 """
@@ -56,6 +56,8 @@ class SamplingRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extras
+    # --scheduling-policy priority: lower runs first (under fcfs it must be 0); a 64-bit integer.
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
     best_of: int | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -68,6 +70,19 @@ class SamplingRequest(OpenAIModel):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Output constraints (``hwlm.server.structured_request`` maps them).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted; hwlm has one grammar engine
+    guided_whitespace_pattern: str | None = None
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """The fields that may constrain the output, by name."""
+        return {name: getattr(self, name) for name in CONSTRAINT_FIELDS}
 
     def unsupported(self) -> tuple[str, str] | None:
         """(message, field) for the first field set to something hwlm cannot do, else None."""
@@ -131,6 +146,18 @@ _PASSED_THROUGH = tuple(
 )
 
 
+# The request fields that may constrain the output.
+CONSTRAINT_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+)
+
+
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -153,6 +180,8 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result's call
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -162,14 +191,17 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True  # vLLM extra
+    tool_choice: str | dict[str, Any] | None = None  # None: auto with tools, else none
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools
+    # vLLM extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: return reasoning_content
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools are not supported yet", "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format other than text is not supported yet", "response_format"
+        if self.functions:
+            return "functions (deprecated) is not supported; give tools instead", "functions"
         return super().unsupported()
 
 
