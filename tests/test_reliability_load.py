@@ -238,7 +238,7 @@ def test_full_waiting_queue_gets_503_with_retry_after(device: str) -> None:
                 pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=60)
                 for _ in range(2)
             ]
-            _wait_for(lambda: engine.num_waiting_requests() == 2)
+            _wait_for(lambda: engine.num_waiting_sequences() == 2)
             r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"].isdigit()
@@ -246,6 +246,32 @@ def test_full_waiting_queue_gets_503_with_retry_after(device: str) -> None:
             assert all(f.result().status_code == 200 for f in futures)
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+        wait_idle(engine)
+
+
+def test_waiting_queue_counts_sequences(device: str) -> None:
+    """A waiting request with n 3 counts 3 against --max-waiting-requests: with one running and
+    one such request waiting (3 of a bound of 4), a 2-sample request is refused, a 1-sample one
+    is not."""
+    limits = ServerLimits(max_waiting_requests=4)
+    long = {"prompt": "a long one", "max_tokens": 200, "ignore_eos": True}
+    with _serve(device, limits, max_num_seqs=1, num_kv_blocks=64) as (url, engine):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=60)]
+            _wait_for(lambda: asyncio.run(engine.get_stats()).num_running == 1)
+            sampled = {**long, "n": 3, "temperature": 1.0}
+            futures.append(
+                pool.submit(httpx.post, f"{url}/v1/completions", json=sampled, timeout=60)
+            )
+            _wait_for(lambda: engine.num_waiting_sequences() == 3)
+            two = {"prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 1.0}
+            refused = httpx.post(f"{url}/v1/completions", json=two)
+            assert refused.status_code == 503, refused.text
+            one = pool.submit(
+                httpx.post, f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}
+            )
+            assert one.result().status_code == 200
+            assert all(f.result().status_code == 200 for f in futures)
         wait_idle(engine)
 
 

@@ -74,7 +74,14 @@ class FakeEngine:
         self.steps = 0
         self.aborted: list[str] = []
         self.scheduler = type(
-            "Scheduler", (), {"running": [], "waiting": [], "num_preemptions": 0}
+            "Scheduler",
+            (),
+            {
+                "running": [],
+                "waiting": [],
+                "num_preemptions": 0,
+                "num_running_seqs": lambda self: 0,
+            },
         )()
         self.block_manager = type(
             "Blocks",

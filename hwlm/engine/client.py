@@ -56,6 +56,7 @@ from hwlm.engine.messages import (
     SamplingOptions,
     StepOutputs,
 )
+from hwlm.engine.stream_table import StreamTable, num_samples
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.metrics import Histogram, MetricsSnapshot
 
@@ -79,7 +80,7 @@ class EngineClient(abc.ABC):
     def __init__(self, info: EngineInfo) -> None:
         self.info = info
         self.client_index = 0  # this client's place among the engine's clients (API processes)
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: StreamTable[RequestStream] = StreamTable()
         self._error: EngineDeadError | None = None
         blocks = info.num_kv_blocks
         self._stats = EngineStats(num_blocks=blocks, num_free_blocks=blocks)
@@ -105,7 +106,7 @@ class EngineClient(abc.ABC):
         self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request_stream = RequestStream(request_id, self._abort)
+        request_stream = RequestStream(request_id, self._abort, num_samples(params))
         self._streams[request_id] = request_stream
         arrival = time.monotonic() if arrival_time is None else arrival_time
         options = SamplingOptions.from_params(params)
@@ -190,10 +191,11 @@ class EngineClient(abc.ABC):
         """Requests added here and not yet finished, failed or aborted."""
         return len(self._streams)
 
-    def num_waiting_requests(self) -> int:
-        """Requests accepted (or on their way) that the scheduler has not started, as of the
-        last stats: a cheap estimate for admission control."""
-        return max(0, len(self._streams) - self._stats.num_running)
+    def num_waiting_sequences(self) -> int:
+        """Sequences (max(n, best_of) per request) accepted or on their way that the scheduler
+        has not started, as of the last stats: a cheap estimate for admission control. The
+        finished samples of a request still running count as waiting until it ends."""
+        return max(0, self._streams.num_seqs - self._stats.num_running_seqs)
 
     @abc.abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -49,8 +49,9 @@ class RequestStream:
 
     Every delta is kept (they are not cumulative): a slow consumer reads them all, in order."""
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str], None], num_seqs: int = 1) -> None:
         self.request_id = request_id
+        self.num_seqs = num_seqs  # max(n, best_of): what admission control counts
         self._abort = abort
         # A deque and one waiter rather than an asyncio.Queue: a stream has one consumer, and
         # this is on the path of every token.

@@ -97,6 +97,11 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
+    def num_running_seqs(self) -> int:
+        """Running sequences, counting the samples a running prompt will fork (they join the
+        batch without waiting)."""
+        return len(self.running) + sum(s.num_forks_left for s in self.running)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -90,7 +90,7 @@ def build_app(
             param = "messages" if hasattr(request, "messages") else "prompt"
             check_text_length(texts, seam.max_model_len, longest, param)
         check_logprob_entries(request, seam.max_model_len, limits.max_logprob_entries)
-        waiting = seam.num_waiting_requests()
+        waiting = seam.num_waiting_sequences()
         check_capacity(waiting, limits, app.state.draining, num_sequences(request))
 
     @app.get("/health")

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from hwlm.engine.client_stream import EngineDeadError, RequestFailedError
+from hwlm.engine.stream_table import StreamTable, num_samples
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.metrics import ServingMetrics, finish_reason
@@ -106,8 +107,9 @@ _ACCEPTED = _Accepted()
 class RequestStream:
     """The outputs of one request, as an async iterator; leaving it early aborts the request."""
 
-    def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, num_seqs: int = 1) -> None:
         self.request_id = request_id
+        self.num_seqs = num_seqs  # max(n, best_of): what admission control counts
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput | BaseException | _Accepted] = asyncio.Queue()
@@ -201,8 +203,8 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # guards _streams and _error
-        self._streams: dict[str, RequestStream] = {}
-        self._num_running = 0  # requests the scheduler runs, as of the last step
+        self._streams: StreamTable[RequestStream] = StreamTable()
+        self._num_running_seqs = 0  # sequences the scheduler runs, as of the last step
         if hasattr(engine, "isolate_request_errors"):
             engine.isolate_request_errors = True  # one request's failure fails only that one
         self._error: EngineDeadError | None = None
@@ -217,10 +219,11 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self._error is None
 
-    def num_waiting_requests(self) -> int:
-        """Requests accepted (or on their way in) that the scheduler has not started: a cheap,
-        lock-free estimate for admission control, refreshed after every step."""
-        return max(0, len(self._streams) - self._num_running)
+    def num_waiting_sequences(self) -> int:
+        """Sequences (max(n, best_of) per request) accepted or on their way in that the
+        scheduler has not started: a cheap, lock-free estimate for admission control, refreshed
+        after every step."""
+        return max(0, self._streams.num_seqs - self._num_running_seqs)
 
     async def add_request(
         self,
@@ -235,7 +238,7 @@ class AsyncLLMEngine:
         stream yields an output after every token, otherwise only the final one.
 
         Raises ValueError for a request the engine rejects, EngineDeadError if it is dead."""
-        request_stream = RequestStream(self, request_id)
+        request_stream = RequestStream(self, request_id, num_samples(params))
         with self._lock:
             if self._error is not None:
                 raise EngineDeadError(str(self._error))
@@ -428,7 +431,7 @@ class AsyncLLMEngine:
                 self.metrics.on_finished(output.request_id, reason, now)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        self._num_running = len({s.request_id for s in self.engine.scheduler.running})
+        self._num_running_seqs = self.engine.scheduler.num_running_seqs()
         take_failed = getattr(self.engine, "take_failed_requests", None)
         for request_id, exc in take_failed() if take_failed is not None else []:
             self._fail_request(request_id, exc)

@@ -209,8 +209,8 @@ class ProcessEngineSeam:
     def is_healthy(self) -> bool:
         return self._client.is_healthy()
 
-    def num_waiting_requests(self) -> int:
-        return self._client.num_waiting_requests()
+    def num_waiting_sequences(self) -> int:
+        return self._client.num_waiting_sequences()
 
     def stats_snapshot(self) -> EngineStats:
         s = self._client.stats_snapshot()

@@ -31,7 +31,13 @@ from hwlm.server.engine_seam import EngineDeadError, OutputStream, Seam, abort_a
 from hwlm.server.errors import APIError, invalid_request
 from hwlm.server.fan_in import OutputFanIn
 from hwlm.server.protocol import SamplingRequest, now, random_id
-from hwlm.server.sse import SSE_DONE, ChunkEncoder, EventStreamResponse, json_response, sse_event
+from hwlm.server.sse import (
+    SSE_DONE,
+    ChunkEncoder,
+    EventStreamResponse,
+    choices_response,
+    sse_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,11 @@ async def serve_generation(
         outputs = await cancel_on_disconnect(raw, _final_outputs(streams))
     finally:
         abort_all(streams)
-    body = {"id": request_id, "object": shape.object_name, "created": now(), "model": shape.model}
-    return json_response({**body, **shape.response(outputs)})
+    head = {"id": request_id, "object": shape.object_name, "created": now(), "model": shape.model}
+    tail = shape.response(outputs)
+    del outputs  # the choices hold what the body needs
+    choices = tail.pop("choices")
+    return choices_response(head, choices, tail)
 
 
 async def _final_outputs(streams: list[OutputStream]) -> list[RequestOutput]:

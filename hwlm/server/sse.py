@@ -31,6 +31,30 @@ def json_response(body: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
 
 
+SMALL_BODY_CHOICES = 4  # up to this many choices, a body is encoded whole (with a length)
+
+
+def choices_response(head: dict[str, Any], choices: list[Any], tail: dict[str, Any]) -> Response:
+    """The JSON object ``{**head, "choices": choices, **tail}``. Past a few choices it is sent
+    as it is encoded, one choice at a time (chunked), each choice's bytes freed once written: a
+    large body (n x logprobs x echo) is never held whole beside the objects it is made from."""
+    if len(choices) <= SMALL_BODY_CHOICES:
+        return json_response({**head, "choices": choices, **tail})
+    return StreamingResponse(_choices_body(head, choices, tail), media_type="application/json")
+
+
+async def _choices_body(
+    head: dict[str, Any], choices: list[Any], tail: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    yield orjson.dumps(head)[:-1] + b',"choices":['
+    for i in range(len(choices)):
+        choice, choices[i] = choices[i], None  # its objects go once it is encoded
+        yield (b"," if i else b"") + orjson.dumps(choice)
+        del choice
+    rest = orjson.dumps(tail)
+    yield b"]" + (b"," + rest[1:] if len(rest) > 2 else b"}")
+
+
 class ChunkEncoder:
     """The events of one streamed response, in OpenAI's chunk format:
     ``{"id", "object", "created", "model", "choices": [...]}``, plus ``"usage": null`` on every
