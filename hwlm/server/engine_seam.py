@@ -11,27 +11,17 @@ a thread, the default), ``hwlm.server.engine_seam_mp.ProcessEngineSeam`` over a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
 from hwlm.server.metrics import MetricsSnapshot
+from hwlm.server.seam_text import SeamText
 
 __all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "Seam", "abort_all"]
-
-T = TypeVar("T")
-
-OFF_LOOP_SIZE = 8192  # texts (and token lists) longer than this are (de)tokenized on a thread
-
-
-async def maybe_off_loop(size: int, fn: Callable[[], T]) -> T:
-    """``fn()``, on a worker thread when the input is big (so the event loop keeps serving)."""
-    if size > OFF_LOOP_SIZE:
-        return await asyncio.to_thread(fn)
-    return fn()
 
 
 @dataclass(frozen=True)
@@ -104,8 +94,8 @@ class Seam(Protocol):
     ) -> list[OutputStream]: ...
 
 
-class EngineSeam:
-    """The engine as the routes see it."""
+class EngineSeam(SeamText):
+    """The engine as the routes see it (its text methods: ``SeamText``)."""
 
     def __init__(self, engine: AsyncLLMEngine) -> None:
         self._engine = engine
@@ -144,30 +134,6 @@ class EngineSeam:
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         return self._engine.metrics.snapshot()
-
-    # Text -----------------------------------------------------------------------------------------
-
-    # Here, not on the engine thread, so that a long text never stalls generation (the fast
-    # tokenizer releases the GIL while it works, and nothing here changes its settings).
-
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tok = self._engine.tokenizer
-        return await maybe_off_loop(
-            len(text), lambda: list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
-        )
-
-    async def detokenize(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids``, special tokens included."""
-        tok = self._engine.tokenizer
-        return await maybe_off_loop(
-            len(token_ids), lambda: str(tok.decode(token_ids, skip_special_tokens=False))
-        )
-
-    async def token_strings(self, token_ids: list[int]) -> list[str]:
-        tok = self._engine.tokenizer
-        return await maybe_off_loop(
-            len(token_ids), lambda: list(tok.convert_ids_to_tokens(token_ids))
-        )
 
     # Requests -------------------------------------------------------------------------------------
 

@@ -15,10 +15,9 @@ cumulative ``RequestOutput`` or a comparison with what was sent (the same update
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from hwlm.engine import client_stream
 from hwlm.engine.client_mp import MultiProcessEngineClient
@@ -30,11 +29,8 @@ from hwlm.server.async_engine import EngineStats
 from hwlm.server.choice_stream import ChoiceFeed, ChoiceUpdate, Progress, text_delta
 from hwlm.server.engine_seam import OutputStream, Prompt, submit_all
 from hwlm.server.metrics import MetricsSnapshot
+from hwlm.server.seam_text import SeamText
 from hwlm.text.tokenizer import load_tokenizer
-
-T = TypeVar("T")
-
-OFF_LOOP_CHARS = 8192  # texts (and token lists) longer than this are tokenized on a thread
 
 
 class ProcessOutputStream:
@@ -176,7 +172,7 @@ class _AssembledFeed:
             sent.finished = finish_reason is not None
 
 
-class ProcessEngineSeam:
+class ProcessEngineSeam(SeamText):
     """The engine as the routes see it (``Seam``), the engine core running in its own process.
     Does not own ``client``: whoever built it shuts it down."""
 
@@ -229,24 +225,6 @@ class ProcessEngineSeam:
     def metrics_snapshot(self) -> MetricsSnapshot:
         return self._client.serving_snapshot()
 
-    # Text -----------------------------------------------------------------------------------------
-
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tok = self._tokenizer
-        return await _maybe_off_loop(
-            len(text), lambda: list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
-        )
-
-    async def detokenize(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids``, special tokens included."""
-        tok = self._tokenizer
-        return await _maybe_off_loop(
-            len(token_ids), lambda: str(tok.decode(token_ids, skip_special_tokens=False))
-        )
-
-    async def token_strings(self, token_ids: list[int]) -> list[str]:
-        return list(self._tokenizer.convert_ids_to_tokens(token_ids))
-
     # Requests -------------------------------------------------------------------------------------
 
     async def submit(
@@ -282,10 +260,3 @@ class ProcessEngineSeam:
             request_id, prompt.token_ids, params, stream=stream, priority=priority
         )
         return ProcessOutputStream(request_stream, assembler)
-
-
-async def _maybe_off_loop(size: int, fn: Callable[[], T]) -> T:
-    """``fn()``, on a worker thread when the input is big (so the event loop keeps serving)."""
-    if size > OFF_LOOP_CHARS:
-        return await asyncio.to_thread(fn)
-    return fn()
