@@ -8,6 +8,7 @@
 set -euo pipefail
 ROUNDS=${ROUNDS:-2}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 read -r -a hwlm <<<"${HWLM:-hwlm}"
 single=(--model c1-llama --num-prompts 1 --input-len-min 32 --input-len-max 32 --output-len 128)
 for round in $(seq "$ROUNDS"); do
