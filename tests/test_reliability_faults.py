@@ -57,8 +57,9 @@ def _poison_requests(llm_engine: Any) -> None:
         params: SamplingParams,
         stream: bool = False,
         priority: int = 0,
+        group: str | None = None,
     ) -> None:
-        add(request_id, prompt, params, stream, priority=priority)
+        add(request_id, prompt, params, stream, priority=priority, group=group)
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
         if isinstance(text, str) and POISON in text:
             for seq in llm_engine._requests[request_id]:

@@ -31,11 +31,13 @@ def engine(device: str, request: pytest.FixtureRequest) -> LLMEngine:
     )
 
 
-def _steps_until_small_finishes(engine: LLMEngine, share: float, limit: int) -> int | None:
+def _steps_until_small_finishes(
+    engine: LLMEngine, share: float, limit: int, group: str | None = "big"
+) -> int | None:
     engine.scheduler.max_request_share = share
     big = SamplingParams(n=16, max_tokens=2040, ignore_eos=True)
-    for i in range(64):
-        engine.add_request(f"big-{i}", [1, 2, 3], big)
+    for i in range(64):  # one request group, as the server makes of one response's prompts
+        engine.add_request(f"big-{i}", [1, 2, 3], big, group=group)
     for _ in range(6):  # the prompts are computed and every sample forked
         engine.step()
     assert len(engine.scheduler.running) > engine.config.max_num_seqs
@@ -60,6 +62,13 @@ def test_a_small_request_takes_a_seat_from_an_over_share_group(engine: LLMEngine
 
 def test_without_the_share_rule_the_small_request_waits(engine: LLMEngine) -> None:
     assert _steps_until_small_finishes(engine, share=1.0, limit=12) is None
+
+
+def test_requests_form_a_group_only_when_named(engine: LLMEngine) -> None:
+    # 64 requests of 16 sequences each, no group named: each is a group of 16, under its share,
+    # so nothing is over the share and the small request waits its turn (ids that look alike
+    # are no group).
+    assert _steps_until_small_finishes(engine, share=0.5, limit=12, group=None) is None
 
 
 def _finish_order(engine: LLMEngine, priorities: list[int]) -> list[str]:

@@ -101,6 +101,7 @@ class FakeEngine:
         params: SamplingParams,
         stream: bool = False,
         priority: int = 0,
+        group: str | None = None,
     ) -> None:
         if prompt == "bad":
             raise ValueError("this prompt is bad")

@@ -98,6 +98,7 @@ class EngineClient(abc.ABC):
         stream: bool = True,
         arrival_time: float | None = None,
         priority: int = 0,
+        group: str | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. With ``stream`` a delta comes
         after every step that gives it a token, otherwise one when it finishes.
@@ -120,6 +121,7 @@ class EngineClient(abc.ABC):
                     arrival,
                     self.client_index,
                     priority,
+                    group,
                 )
             )
         except BaseException:

@@ -106,6 +106,7 @@ class EngineCore:
                 params,
                 message.stream,
                 priority=message.priority,
+                group=message.group,
             )
         except ParameterError as exc:
             return RequestError(request_id, str(exc), exc.param)

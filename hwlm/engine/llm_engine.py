@@ -188,11 +188,13 @@ class LLMEngine:
         params: SamplingParams,
         stream: bool = False,
         priority: int = 0,
+        group: str | None = None,
     ) -> None:
         """Queue a request. With ``stream``, ``step()`` also reports it after every new token
         (cumulative text and token ids); otherwise only once it has finished. ``priority``
         orders requests under the priority scheduling policy (lower first); with fcfs it must
-        be 0, as in vLLM."""
+        be 0, as in vLLM. ``group`` names the requests that share one seat allowance under
+        ``max_request_share`` (default: the request alone)."""
         if priority and self.config.scheduling_policy != "priority":
             raise ParameterError(
                 f"priority {priority} needs scheduling_policy 'priority' (it is "
@@ -211,6 +213,7 @@ class LLMEngine:
             seq.grammar = self.structured.new_state(params.structured_outputs)
         seq.stream = stream
         seq.priority = priority
+        seq.group = group or request_id
         if params.stop_strings or (stream and params.detokenize):  # text to check or stream
             seq.detokenizer = new_detokenizer(
                 self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens

@@ -108,6 +108,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     # Which API process sent it (``--api-server-count``): its answers go there.
     client_index: int = 0
     priority: int = 0  # the priority scheduling policy's order (lower first)
+    group: str | None = None  # the share rule's group (None: the request alone)
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

@@ -8,9 +8,9 @@ is cut into chunks over several steps. When the KV cache runs out, the most rece
 running sequence is preempted: its blocks are freed and it is recomputed later (its cached prefix
 blocks usually survive, so resuming is cheap).
 
-Fair sharing: one client request (all the engine requests a server response is made of, named
-``<id>-<i>``; see ``request_group``) may hold at most ``max_request_share`` of ``max_num_seqs``
-running sequences while sequences of other requests wait. When such a sequence cannot get a seat,
+Fair sharing: one request group (``Sequence.group``: the request's own id, or what its caller
+named; the server gives all the engine requests of one response its id) may hold at most
+``max_request_share`` of ``max_num_seqs`` running sequences while sequences of other groups wait. When such a sequence cannot get a seat,
 the over-share request gives up its newest running sequences (preempted, recomputed later), and
 its waiting sequences are passed over; they run again once nothing else waits. A request alone on
 the server may use every seat.
@@ -44,13 +44,6 @@ class ScheduledBatch:
         return not self.seqs
 
 
-def request_group(request_id: str) -> str:
-    """The client request an engine request belongs to: the server names the engine requests of
-    one response ``<id>-<i>``; any other id is a group of its own."""
-    head, sep, tail = request_id.rpartition("-")
-    return head if sep and tail.isdigit() and head else request_id
-
-
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.config = config
@@ -60,7 +53,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_request_share = config.max_request_share
         self.by_priority = config.scheduling_policy == "priority"
-        self._groups: dict[str, str] = {}  # request id -> its group (request_group), cached
         self._swaps = 0  # seats freed this step for starved groups, not yet taken
 
     @property
@@ -70,12 +62,6 @@ class Scheduler:
         if self.max_request_share >= 1.0:
             return None
         return max(1, int(self.max_request_share * self.config.max_num_seqs))
-
-    def _group(self, seq: Sequence) -> str:
-        group = self._groups.get(seq.request_id)
-        if group is None:
-            group = self._groups[seq.request_id] = request_group(seq.request_id)
-        return group
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -148,10 +134,10 @@ class Scheduler:
         limit = self.share_limit
         if limit is None or not self.waiting or len(self.running) < self.config.max_num_seqs:
             return False
-        running = Counter(self._group(s) for s in self.running)
+        running = Counter(s.group for s in self.running)
         if not any(count > limit for count in running.values()):
             return False
-        return any(running[self._group(s)] < limit for s in self.waiting)
+        return any(running[s.group] < limit for s in self.waiting)
 
     def _make_room(self) -> set[str]:
         """Fair sharing: the groups with waiting sequences that are under their share (empty if
@@ -162,19 +148,19 @@ class Scheduler:
         limit = self.share_limit
         if limit is None or not self.waiting:
             return set()
-        running = Counter(self._group(s) for s in self.running)
+        running = Counter(s.group for s in self.running)
         if not any(count > limit for count in running.values()):
             return set()  # nobody over the share: first come, first served
-        starved = {g for g in map(self._group, self.waiting) if running[g] < limit}
+        starved = {g for g in (s.group for s in self.waiting) if running[g] < limit}
         if not starved:
             return starved
-        wanting = sum(1 for s in self.waiting if self._group(s) in starved)
+        wanting = sum(1 for s in self.waiting if s.group in starved)
         needed = min(wanting, self.config.max_num_seqs)
         needed -= max(0, self.config.max_num_seqs - len(self.running))  # free seats
         i = len(self.running) - 1
         while needed > 0 and i >= 0:
             seq = self.running[i]
-            group = self._group(seq)
+            group = seq.group
             if running[group] > limit and not seq.num_pending_tokens:
                 del self.running[i]
                 self._preempt(seq)
@@ -192,11 +178,11 @@ class Scheduler:
         ``_make_room`` freed."""
         bm = self.block_manager
         passed: list[Sequence] = []
-        counts = Counter(self._group(s) for s in self.running) if starved else None
+        counts = Counter(s.group for s in self.running) if starved else None
         limit = self.share_limit
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            group = self._group(seq)
+            group = seq.group
             if starved and group not in starved:
                 passed.append(self.waiting.popleft())
                 continue
@@ -237,7 +223,6 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.running.remove(seq)
         self.block_manager.free(seq)
-        self._groups.pop(seq.request_id, None)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sequence of a request, wherever it is; returns them."""
@@ -248,7 +233,6 @@ class Scheduler:
         for seq in waiting:
             self.waiting.remove(seq)
             seq.status = Status.FINISHED
-        self._groups.pop(request_id, None)
         return dropped + waiting
 
 

@@ -34,6 +34,7 @@ class Sequence:
         self.seq_id = seq_id
         self.request_id = request_id
         self.priority = 0  # the scheduler's priority policy: lower runs first
+        self.group = request_id  # the scheduler's share rule counts seats per group
         self.prompt = prompt
         self.params = params
         self.argmax_only = params.argmax_only  # read by the sampler for every row of every step

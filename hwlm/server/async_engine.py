@@ -81,6 +81,7 @@ class _Add:
     stream_outputs: bool
     arrival: float
     priority: int = 0
+    group: str | None = None
 
 
 @dataclass
@@ -233,6 +234,7 @@ class AsyncLLMEngine:
         *,
         stream: bool = True,
         priority: int = 0,
+        group: str | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. With ``stream`` the returned
         stream yields an output after every token, otherwise only the final one.
@@ -245,7 +247,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = request_stream
-        self._post(_Add(request_stream, prompt, params, stream, time.monotonic(), priority))
+        self._post(_Add(request_stream, prompt, params, stream, time.monotonic(), priority, group))
         try:
             await request_stream.wait_accepted()
         except BaseException:
@@ -402,6 +404,7 @@ class AsyncLLMEngine:
                 command.params,
                 command.stream_outputs,
                 priority=command.priority,
+                group=command.group,
             )
         except Exception as exc:
             with self._lock:

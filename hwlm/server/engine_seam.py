@@ -153,7 +153,12 @@ class EngineSeam(SeamText):
         return await submit_all(
             [
                 self._engine.add_request(
-                    f"{base_id}-{i}", _engine_prompt(p), params, stream=stream, priority=priority
+                    f"{base_id}-{i}",
+                    _engine_prompt(p),
+                    params,
+                    stream=stream,
+                    priority=priority,
+                    group=base_id,  # one response's prompts share its seat allowance
                 )
                 for i, p in enumerate(prompts)
             ]

@@ -239,13 +239,19 @@ class ProcessEngineSeam(SeamText):
         """As ``EngineSeam.submit``: all or none, the first error raised."""
         return await submit_all(
             [
-                self._add(f"{base_id}-{i}", p, params, stream, priority)
+                self._add(f"{base_id}-{i}", base_id, p, params, stream, priority)
                 for i, p in enumerate(prompts)
             ]
         )
 
     async def _add(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, stream: bool, priority: int
+        self,
+        request_id: str,
+        group: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        stream: bool,
+        priority: int,
     ) -> ProcessOutputStream:
         assembler = RequestOutputAssembler(
             request_id,
@@ -257,6 +263,6 @@ class ProcessEngineSeam(SeamText):
             track_new_text=stream,  # for choice_feed
         )
         request_stream = await self._client.add_request(
-            request_id, prompt.token_ids, params, stream=stream, priority=priority
+            request_id, prompt.token_ids, params, stream=stream, priority=priority, group=group
         )
         return ProcessOutputStream(request_stream, assembler)
