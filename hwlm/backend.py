@@ -16,6 +16,8 @@ A backend is a class (one instance per device) with a handful of members:
 - ``quantizations`` and ``quantized_linear(weight, bias, method)``: optional, the weight
   quantizations (``int8``, ``int4``) a backend runs and the kernel of one quantized dense layer;
   the default runs none and refuses with a one-line error (docs/quantization.md).
+- ``prequantized_linear(weight, bias)``: optional, the kernel of a dense layer whose checkpoint
+  stored it quantized (``hwlm.models.quantized_weight``); the default dequantizes it once.
 - ``capture_decode(...)``: optional, a ``DecodeRunner`` that replays decode steps faster than
   eager execution (the cuda backend's CUDA graphs), or None.
 - Device policy, optional, answered differently by devices that run asynchronously to the host
@@ -38,6 +40,7 @@ from hwlm.engine.transfer import CopyAtWait, HostCopy
 
 if TYPE_CHECKING:
     from hwlm.attention import AttentionMetadata
+    from hwlm.models.quantized_weight import PrequantizedWeight
     from hwlm.config import EngineConfig, ModelConfig
 
 INTERFACE_VERSION = 1
@@ -52,6 +55,23 @@ class QuantizedLinear(Protocol):
         """The float32 ``[out, in]`` weights the kernel multiplies by (quantized, then
         dequantized): what a reference computes with to check the kernel alone."""
         ...
+
+
+class DequantizedLinear:
+    """The fallback ``QuantizedLinear``: float weights multiplied by ``torch``'s own kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        self.weight = weight
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.to(torch.float32)
 
 
 def unsupported_quantization(backend: str, method: str, supported: tuple[str, ...]) -> str:
@@ -205,6 +225,16 @@ class Backend(ABC):
         by ``method`` (one of ``quantizations``); called at load time, once per layer and for the
         LM head. The kernel keeps what it needs, so the caller may free ``weight``."""
         raise ValueError(unsupported_quantization(self.name, method, self.quantizations))
+
+    def prequantized_linear(
+        self, weight: PrequantizedWeight, bias: torch.Tensor | None
+    ) -> QuantizedLinear:
+        """A kernel for a dense layer whose weights a checkpoint stored quantized (AWQ, GPTQ,
+        GGUF, fp8; ``hwlm.models.quantized_weight``), used as they are where the backend has a
+        kernel for the layout. The default dequantizes once into a plain layer of the weights'
+        float values, so every backend can run every checkpoint."""
+        bias = None if bias is None else bias.to(self.device)
+        return DequantizedLinear(weight.dequantize().to(self.device), bias)
 
     def capture_decode(
         self,
