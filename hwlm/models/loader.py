@@ -22,7 +22,11 @@ from tqdm.auto import tqdm
 from hwlm import presets
 from hwlm.backend import Backend
 from hwlm.config import ModelConfig
+from hwlm.distributed.parallel_state import ParallelGroup
 from hwlm.models import CausalLM, build_model
+from hwlm.models.checkpoints.assemble import load_quantized_checkpoint
+from hwlm.models.checkpoints.formats import check_requested, detect_format
+from hwlm.models.checkpoints.gguf_model import is_gguf, load_gguf_model, resolve_gguf
 from hwlm.models.quantization import check_quantization, quantize_model
 from hwlm.presets import preset_tokenizers
 
@@ -56,6 +60,8 @@ def resolve_model(model: str, load_format: str = "auto") -> ResolvedModel:
     """
     _check_load_format(load_format)
     path = Path(model).expanduser()
+    if is_gguf(path) and path.is_file():
+        return resolve_gguf(path, model)
     if path.is_dir() and (path / "config.json").is_file():
         return _from_folder(path, model)
     preset = presets.find_preset(model)
@@ -76,6 +82,7 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     quantization: str | None = None,
+    parallel: ParallelGroup | None = None,
 ) -> CausalLM:
     """Build the model on the backend's device in ``dtype`` and fill its weights: from the
     checkpoint in ``resolved.weights_path``, or random (seeded with ``seed``) when the format is
@@ -83,10 +90,23 @@ def load_model(
     (``hwlm.models.quantization``). Raises ValueError when the checkpoint is missing or does
     not match the config, or the backend cannot run ``quantization``."""
     _check_load_format(load_format)
+    dummy = load_format == "dummy" or resolved.weights_path is None
+    gguf = not dummy and is_gguf(resolved.weights_path or "")
+    fmt = None if dummy or gguf else detect_format(resolved.hf_config)
+    if (gguf or fmt is not None) and parallel is not None and parallel.size > 1:
+        raise ValueError(
+            "pre-quantized checkpoints (AWQ, GPTQ, fp8, GGUF) cannot be split over "
+            "tensor-parallel ranks yet; use tensor_parallel_size 1"
+        )
+    if gguf:
+        return load_gguf_model(resolved, model_config, backend, dtype, quantization)
+    if fmt is not None:  # already quantized: a matching setting is what it stores anyway
+        check_requested(quantization, fmt.quantization, fmt.name)
+        quantization = None
     check_quantization(quantization, backend)
-    model = build_model(model_config, backend, dtype)
+    model = build_model(model_config, backend, dtype, parallel)  # parallel: this rank's shard
     with torch.no_grad():
-        if load_format == "dummy" or resolved.weights_path is None:
+        if dummy or resolved.weights_path is None:
             init_dummy_weights(model, seed)
             return _quantized(model, backend, quantization).eval()
         files = weight_files(Path(resolved.weights_path), load_format)
@@ -97,7 +117,10 @@ def load_model(
                 f"'{resolved.weights_path}' for model '{resolved.name or resolved.weights_path}'"
             )
         start = time.perf_counter()
-        model.load_weights(iter_weights(files))
+        if fmt is None:
+            model.load_weights(iter_weights(files))
+        else:
+            load_quantized_checkpoint(model, backend, files, fmt)
     logger.info(
         "loaded %d weight file(s) from %s in %.1f s",
         len(files),

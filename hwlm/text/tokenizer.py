@@ -30,6 +30,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
+        if path.lower().endswith(".gguf"):  # built from the file's own vocabulary
+            folder, _, name = path.rpartition("/")
+            tokenizer = AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+            tokenizer.name_or_path = path  # what another process loads it from again
+            return tokenizer
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
