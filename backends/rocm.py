@@ -43,6 +43,9 @@ def _amd_gpu_names(topology_dir: str = "/sys/class/kfd/kfd/topology/nodes") -> l
 class ROCmBackend(CUDABackend):
     name = "rocm"
     warp_size: ClassVar[int] = 64  # AMD wavefronts; kernels halve num_warps to keep thread counts
+    # MI300 GPUs use the e4m3 variant float8_e4m3fnuz, which the kernels do not handle yet.
+    kv_cache_dtypes = ("auto",)
+    quantizations: ClassVar[tuple[str, ...]] = ()  # not yet run on AMD GPUs (fp8 there: fnuz)
 
     @classmethod
     def probe(cls) -> ProbeResult:

@@ -197,17 +197,21 @@ def test_unsupported_backend_is_a_one_line_error() -> None:
     assert "\n" not in message
     with pytest.raises(ValueError, match="quantization 'int8' is not supported by the reference"):
         ReferenceBackend().quantized_linear(torch.zeros(2, 2), None, "int8")
-    with pytest.raises(ValueError, match="unknown quantization 'fp8'"):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        check_quantization("int3", CPUBackend())
+    with pytest.raises(ValueError, match="'fp8' is not supported by the cpu backend"):
         check_quantization("fp8", CPUBackend())
     check_quantization("int4", CPUBackend())
     check_quantization(None, ReferenceBackend())
 
 
-def test_gpu_backends_refuse_quantization() -> None:
+def test_gpu_backends_quantizations() -> None:
+    """cuda runs fp8 and W4A16/W8A16 (backends/cuda_quant.py); rocm none yet."""
     from hwlm.backends.cuda import CUDABackend
     from hwlm.backends.rocm import ROCmBackend
 
-    assert CUDABackend.quantizations == () and ROCmBackend.quantizations == ()
+    assert set(CUDABackend.quantizations) == {"int8", "int4", "fp8"}
+    assert ROCmBackend.quantizations == ()
 
 
 def test_quantization_flag() -> None:

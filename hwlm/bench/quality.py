@@ -55,12 +55,15 @@ def token_stream(vocab_size: int, num_tokens: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab_size, (num_tokens,), generator=gen).tolist()
 
 
-def stream_logits(model: CausalLM, backend: Backend, tokens: list[int]) -> torch.Tensor:
-    """float32 logits [len(tokens), vocab] of one sequence, prefilled ``CHUNK`` tokens a step."""
+def stream_logits(
+    model: CausalLM, backend: Backend, tokens: list[int], kv_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """float32 logits [len(tokens), vocab] of one sequence, prefilled ``CHUNK`` tokens a step,
+    over a KV cache of ``kv_dtype`` (``hwlm.bench.kv_quality`` passes fp8)."""
     cfg = model.config
     num_blocks = math.ceil(len(tokens) / BLOCK_SIZE)
     caches = backend.allocate_kv_cache(
-        cfg.num_layers, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_size, torch.float32
+        cfg.num_layers, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_size, kv_dtype
     )
     table = torch.arange(num_blocks, dtype=torch.int32)[None]
     out = []
@@ -73,11 +76,13 @@ def stream_logits(model: CausalLM, backend: Backend, tokens: list[int]) -> torch
             slot_mapping=torch.arange(start, end, dtype=torch.int64),
             max_query_len=end - start,
             max_seq_len=end,
-        )
+        ).to(backend.device)
         ctx = ForwardContext(backend, caches, metadata)
+        ids = torch.tensor(tokens[start:end]).to(backend.device)
+        positions = torch.arange(start, end).to(backend.device)
         with torch.inference_mode():
-            hidden = model(torch.tensor(tokens[start:end]), torch.arange(start, end), ctx)
-            out.append(model.compute_logits(hidden))
+            hidden = model(ids, positions, ctx)
+            out.append(model.compute_logits(hidden).cpu())
     return torch.cat(out)
 
 
@@ -123,7 +128,12 @@ def measure(
 def main(argv: list[str] | None = None) -> list[QualityResult]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="c1-llama", help="preset name or model folder")
-    parser.add_argument("--quantization", nargs="+", default=list(QUANTIZATIONS))
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        choices=QUANTIZATIONS,
+        help="methods to measure (default: every method the device's backend runs)",
+    )
     parser.add_argument("--num-tokens", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--load-format", default=None, help="default: dummy for a preset")
@@ -133,9 +143,8 @@ def main(argv: list[str] | None = None) -> list[QualityResult]:
     from hwlm.presets import find_preset
 
     load_format = args.load_format or ("dummy" if find_preset(args.model) else "auto")
-    results = measure(
-        args.model, args.quantization, args.num_tokens, args.device, load_format, args.seed
-    )
+    methods = args.quantization or list(select_backend(args.device).quantizations)
+    results = measure(args.model, methods, args.num_tokens, args.device, load_format, args.seed)
     for r in results:
         print(
             f"{r.model} {r.quantization}: mean KL {r.mean_kl:.5f} nats, max KL {r.max_kl:.4f}, "
