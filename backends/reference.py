@@ -16,6 +16,7 @@ from hwlm.kernels import reference
 class ReferenceBackend(Backend):
     name = "reference"
     supported_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -30,13 +31,23 @@ class ReferenceBackend(Backend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
-        reference.write_kv(key, value, kv_cache, slot_mapping)
+        reference.write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out: torch.Tensor = reference.paged_attention(query, kv_cache, metadata, scale)
+        out: torch.Tensor = reference.paged_attention(
+            query, kv_cache, metadata, scale, None, k_scale, v_scale
+        )
         return out
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:

@@ -17,4 +17,6 @@ def copy_blocks(kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> 
     src = torch.tensor([s for s, _ in pairs], dtype=torch.int64).to(device, non_blocking=True)
     dst = torch.tensor([d for _, d in pairs], dtype=torch.int64).to(device, non_blocking=True)
     for cache in kv_caches:
+        if cache.dtype == torch.float8_e4m3fn:  # copy the bytes: not every torch has fp8 index_put
+            cache = cache.view(torch.uint8)
         cache[:, dst] = cache[:, src]

@@ -5,7 +5,10 @@ The interpreter (triton 3.6) differs from compiled kernels in two roundings:
 - float32 -> bfloat16 casts truncate (the default ``.to(tl.bfloat16)`` passes no rounding mode,
   and its "round to nearest" mode rounds halves up without carrying into the exponent), where
   GPUs round to nearest even;
-- ``tl.fma`` multiplies, rounds, then adds, where the hardware rounds once.
+- ``tl.fma`` multiplies, rounds, then adds, where the hardware rounds once;
+- casts to float8_e4m3 (fp8e4nv; the fp8 KV cache) round without carrying a rounded-up
+  mantissa into the exponent (126.4 becomes 64, not 128); casts to and from it are taken by
+  torch's float8_e4m3fn instead, which rounds to nearest even like the GPU's ``cvt.rn``.
 
 Both make bfloat16 results drift (a truncated residual stream loses a little every layer) and
 float32 results differ in the last place, so the interpreter would test something other than
@@ -30,6 +33,35 @@ def bfloat16_bits(data: np.ndarray) -> np.ndarray:
     return out.astype(np.uint16).reshape(np.shape(data))
 
 
+def _float32(data: np.ndarray, src: Any) -> np.ndarray:
+    """The interpreter's values of Triton type ``src`` (bfloat16 held as uint16) in float32."""
+    import triton.language as tl
+
+    if src == tl.bfloat16:
+        wide = np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << 16
+        return wide.view(np.float32)
+    return np.asarray(data, dtype=np.float32)
+
+
+def fp8_convert(data: np.ndarray, src: Any, dst: Any) -> np.ndarray | None:
+    """A float <-> float8_e4m3 cast done by torch (bit patterns as the interpreter holds them),
+    or None when neither side is float8_e4m3."""
+    import torch
+    import triton.language as tl
+
+    floats = (tl.float32, tl.float16, tl.bfloat16)
+    if dst == tl.float8e4nv and src in floats:
+        values = torch.from_numpy(np.ascontiguousarray(_float32(data, src)))
+        return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    if src == tl.float8e4nv and dst in floats:
+        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
+        wide = raw.view(torch.float8_e4m3fn).to(torch.float32).numpy()
+        if dst == tl.bfloat16:
+            return bfloat16_bits(wide)  # exact: e4m3 values are bfloat16 values
+        return wide.astype(np.float16) if dst == tl.float16 else wide
+    return None
+
+
 def install() -> None:
     """Patch the interpreter, once; a no-op when its internals are not the expected ones."""
     import triton.language as tl
@@ -48,7 +80,8 @@ def install() -> None:
     def convert_float(data: Any, src: Any, dst: Any, rounding_mode: Any) -> Any:
         if src == tl.float32 and dst == tl.bfloat16 and rounding_mode != rtz:
             return bfloat16_bits(data)
-        return convert(data, src, dst, rounding_mode)
+        fp8 = fp8_convert(data, src, dst)
+        return convert(data, src, dst, rounding_mode) if fp8 is None else fp8
 
     fma = builder.create_fma
 

@@ -18,6 +18,14 @@ the scores); ``QK^T`` and ``PV`` are ``tl.dot`` with float32 accumulation; float
 ``input_precision="ieee"`` (no TF32), so float32 results match a float64 reference to ~1e-5.
 Head sizes that are not powers of two (80, 96) are padded to the next power of two with masks.
 
+fp8 (e4m3) caches: K and V tiles are loaded as fp8 (half the bytes of bf16), upcast to the
+query's dtype (exact: every e4m3 value is a bf16/fp16 value) and dequantized by their per-tensor
+scales. The scales are applied where they cost one multiply, not one per element, and without
+rounding a scaled K or V to the query's dtype: ``k_scale`` is folded into the float32 score
+scale (``q . (k_scale k) = k_scale (q . k)``) and ``v_scale`` multiplies the float32 output
+(``sum p (v_scale v) = v_scale sum p v``). Both are loaded from device tensors, so a captured
+CUDA graph sees scales set after capture.
+
 Split-KV (flash-decoding): for decode-only batches with few sequences and long contexts a
 program covers only a slice of the context and writes its partial (max, sum, unnormalised acc);
 a second kernel merges the slices. ``choose_launch`` decides, from host integers only: nothing
@@ -148,6 +156,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """One online-softmax step over keys ``start .. start + BLOCK_N``.
 
@@ -171,6 +180,8 @@ def _attend_tile(
         CAUSAL,
         MASK_DIMS,
     )
+    if FP8:  # the scale is in scale_log2
+        k = k.to(q.dtype)
     s = _dot(q, k, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT) * scale_log2
     if CAUSAL:
         s = tl.where(key_ok[None, :] & (keys[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -190,6 +201,8 @@ def _attend_tile(
         CAUSAL,
         MASK_DIMS,
     )
+    if FP8:  # the scale multiplies the output
+        v = v.to(q.dtype)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
     return m_new, l_i, acc
 
@@ -207,6 +220,8 @@ def _attention_kernel(
     query_start_ptr: tl.tensor,
     seq_lens_ptr: tl.tensor,
     block_tables_ptr: tl.tensor,
+    k_scale_ptr: tl.tensor,
+    v_scale_ptr: tl.tensor,
     scale_log2: tl.tensor,
     stride_qt: tl.tensor,
     stride_qh: tl.tensor,
@@ -228,6 +243,7 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ) -> None:
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     q_tile = tl.program_id(0) // num_splits
@@ -255,6 +271,8 @@ def _attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
+    if FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     # Keys [lo, hi): causal end of this tile's last query, clipped to this program's split.
     last_q = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
@@ -279,14 +297,16 @@ def _attention_kernel(
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, start, hi, table, k_head_ptr, v_head_ptr,
             stride_cb, stride_cs, scale_log2,
-            BLOCK_SIZE, HEAD_SIZE, HEAD_PAD, BLOCK_N, False, UPCAST_DOT,
+            BLOCK_SIZE, HEAD_SIZE, HEAD_PAD, BLOCK_N, False, UPCAST_DOT, FP8,
         )  # fmt: skip
     for start in range(mid, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, start, hi, table, k_head_ptr, v_head_ptr,
             stride_cb, stride_cs, scale_log2,
-            BLOCK_SIZE, HEAD_SIZE, HEAD_PAD, BLOCK_N, True, UPCAST_DOT,
+            BLOCK_SIZE, HEAD_SIZE, HEAD_PAD, BLOCK_N, True, UPCAST_DOT, FP8,
         )  # fmt: skip
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)
 
     if SPLIT:
         part = (token * num_heads + head) * num_splits + split
@@ -349,6 +369,8 @@ def paged_attention(
     kv_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     *,
     launch: AttentionLaunch | None = None,
     warp_size: int = 32,
@@ -358,7 +380,9 @@ def paged_attention(
 
     ``query`` is ``[num_tokens, num_heads, head_size]``; ``kv_cache`` one layer's
     ``[2, num_blocks, block_size, num_kv_heads, head_size]`` cache already holding this step's
-    keys and values; ``num_heads`` must be a multiple of ``num_kv_heads``. ``launch`` overrides
+    keys and values; ``num_heads`` must be a multiple of ``num_kv_heads``. A float8_e4m3fn cache
+    needs ``k_scale`` and ``v_scale`` (float32, one element each): it holds ``k / k_scale`` and
+    ``v / v_scale`` (``hwlm.kernels.triton.write_kv``). ``launch`` overrides
     ``choose_launch`` (tests, tuning); ``warp_size`` and ``num_sms`` feed its heuristics.
     """
     num_tokens, num_heads, head_size = query.shape
@@ -366,6 +390,9 @@ def paged_attention(
     assert cache_head_size == head_size and num_heads % num_kv_heads == 0
     assert kv_cache.stride(-1) == 1, "the KV cache must be contiguous along head_size"
     group = num_heads // num_kv_heads
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        assert k_scale is not None and v_scale is not None, "an fp8 KV cache needs its scales"
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     num_seqs = metadata.num_seqs
     if num_tokens == 0 or num_seqs == 0:
@@ -410,6 +437,8 @@ def paged_attention(
         metadata.query_start_loc,
         metadata.seq_lens,
         block_tables,
+        kv_cache if k_scale is None else k_scale,  # unused unless FP8
+        kv_cache if v_scale is None else v_scale,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),
@@ -431,6 +460,7 @@ def paged_attention(
         BLOCK_N=launch.block_n,
         SPLIT=split,
         UPCAST_DOT=_INTERPRETED and query.dtype == torch.bfloat16,
+        FP8=fp8,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

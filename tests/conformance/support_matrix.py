@@ -27,12 +27,22 @@ def family_of(item: pytest.Item) -> tuple[str, str] | None:
     if "attention_case" in params:
         case = params["attention_case"]
         return f"attention {case.batch}", case.dtype
+    if "fp8_attention_case" in params:
+        case = params["fp8_attention_case"]
+        return f"attention {case.batch}, fp8 KV cache", case.dtype
+    if "fp8_cache_case" in params:
+        op = item.name.split("[")[0].removeprefix("test_").removesuffix("_fp8")
+        return f"{op}, fp8 KV cache", params["fp8_cache_case"][0]
     if "cache_case" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["cache_case"][0]
+    if "arch" in params and item.name.startswith("test_fp8_kv_cache"):
+        return f"end-to-end greedy, fp8 KV cache = reference ({params['arch']})", "float32"
     if "arch" in params:
         return f"end-to-end greedy = transformers ({params['arch']})", "float32"
     if "quant_case" in params:
         return f"quantized linear {params['quant_case'].method}", "float32"
+    if "prequant_case" in params:
+        return f"pre-quantized linear {params['prequant_case'].kind}", "float32"
     if "norm_dtype" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["norm_dtype"]
     return None
