@@ -36,7 +36,13 @@ class LLM:
 
     def __init__(self, model: str, **settings: Any) -> None:
         settings.setdefault("offline", True)
-        self.engine = LLMEngine(from_kwargs(model, settings))
+        args = from_kwargs(model, settings)
+        if args.data_parallel_size != 1:  # vLLM too runs offline data parallelism by launches
+            raise ValueError(
+                f"LLM runs one engine; data_parallel_size={args.data_parallel_size} is for "
+                "hwlm serve (offline, start one LLM per device or share of the CPU)"
+            )
+        self.engine = LLMEngine(args)
         self._request_counter = itertools.count()
 
     def reset_prefix_cache(self) -> bool:

@@ -77,6 +77,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_server_options(serve)
     add_chat_options(serve)
     add_cli_args(serve)
+    serve.add_argument(  # vLLM's short spelling of --data-parallel-size
+        "-dp",
+        dest="data_parallel_size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
     serve.set_defaults(func=run_serve)
     return serve
 
@@ -99,6 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Claim the address, build the engine and the app, serve until SIGINT/SIGTERM, shut down;
     0 on a clean exit. An address that cannot be bound is a ValueError, before any model
     loads."""
+    _check_data_parallel(args)
     sockets = bind_sockets(args.host, args.port)
     if getattr(args, "api_server_count", 1) > 1:
         from hwlm.cli.serve_api_processes import serve_with_api_processes
@@ -120,6 +128,15 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         for sock in sockets:
             sock.close()
+
+
+def _check_data_parallel(args: argparse.Namespace) -> None:
+    """ValueError (one line) for a --data-parallel-size the server cannot run."""
+    size = getattr(args, "data_parallel_size", 1)
+    if size < 1:
+        raise ValueError(f"--data-parallel-size must be at least 1, got {size}")
+    if size > 1 and not getattr(args, "engine_process", True):
+        raise ValueError("--data-parallel-size above 1 needs the engine in its own process")
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
@@ -245,10 +262,17 @@ def _build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
         engine = AsyncLLMEngine(LLMEngine(from_cli_args(args)))
         return engine, engine
     from hwlm.engine.client_mp import MultiProcessEngineClient
+    from hwlm.engine.dp_client import DataParallelEngineClient
     from hwlm.server.engine_seam_mp import ProcessEngineSeam
 
-    client = MultiProcessEngineClient(from_cli_args(args))
-    logger.info("the engine core runs in process %d (hwlm::engine)", client.pid)
+    size = getattr(args, "data_parallel_size", 1)
+    client: MultiProcessEngineClient | DataParallelEngineClient
+    if size > 1:
+        client = DataParallelEngineClient.start(from_cli_args(args), size)
+        logger.info("%d engine cores run in processes %s (hwlm::engine<i>)", size, client.pids)
+    else:
+        client = MultiProcessEngineClient(from_cli_args(args))
+        logger.info("the engine core runs in process %d (hwlm::engine)", client.pid)
     try:
         return client, ProcessEngineSeam(client)
     except BaseException:

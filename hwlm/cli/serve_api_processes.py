@@ -1,4 +1,5 @@
-"""``hwlm serve --api-server-count N``: N API server processes sharing the port, one engine core.
+"""``hwlm serve --api-server-count N``: N API server processes sharing the port, one engine core
+(or ``--data-parallel-size`` cores, each of which every API process reaches).
 
 The process ``hwlm serve`` runs in becomes a supervisor. It has already bound the port; it
 starts the engine core (``hwlm::engine``) and N API processes (``hwlm::api<i>``), all with
@@ -14,6 +15,9 @@ Stopping: SIGTERM to the supervisor is passed to every API process, which drains
 from a terminal reaches the whole process group, so the supervisor only waits. If an API
 process dies, the supervisor stops the others and the engine and exits 1; if the supervisor
 dies, the engine and the API processes exit by themselves.
+
+With several engine cores, each has its own input socket, one output socket per API process and
+its own lifeline; every API process holds a client of each (``DataParallelEngineClient``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import msgspec
 import zmq
 
 from hwlm.engine.core_process import run_engine_core
+from hwlm.engine.dp_placement import CorePlacement, plan_placements
 from hwlm.engine.messages import Shutdown
 from hwlm.engine_args import from_cli_args
 
@@ -60,44 +65,60 @@ class _Supervisor:
     def __init__(self, args: argparse.Namespace, sockets: list[socket.socket], folder: str):
         self.args = args
         self.count: int = args.api_server_count
-        self.input_address = f"ipc://{folder}/input"
-        self.output_addresses = [f"ipc://{folder}/output-{i}" for i in range(self.count)]
+        placements = plan_placements(from_cli_args(args), getattr(args, "data_parallel_size", 1))
+        cores = range(len(placements))
+        self.input_addresses = [f"ipc://{folder}/input-{c}" for c in cores]
+        self.output_addresses = [  # [core][API process]
+            [f"ipc://{folder}/output-{c}-{i}" for i in range(self.count)] for c in cores
+        ]
         self.spawn = multiprocessing.get_context("spawn")
         self.stopping = False
-        lifeline_read, lifeline_write = self.spawn.Pipe(duplex=False)
-        self.engine = self._start_engine(lifeline_write)
-        lifeline_write.close()  # the engine holds the only writer now
-        self.apis = [self._start_api(i, sockets, lifeline_read) for i in range(self.count)]
-        lifeline_read.close()
+        lifelines = [self.spawn.Pipe(duplex=False) for _ in placements]
+        self.engines = [
+            self._start_engine(p, write)
+            for p, (_, write) in zip(placements, lifelines, strict=True)
+        ]
+        readers = []
+        for read, write in lifelines:
+            write.close()  # the engine holds the only writer now
+            readers.append(read)
+        self.apis = [self._start_api(i, sockets, readers) for i in range(self.count)]
+        for read in readers:
+            read.close()
 
-    def _start_engine(self, lifeline: Connection) -> BaseProcess:
+    def _start_engine(self, placement: CorePlacement, lifeline: Connection) -> BaseProcess:
+        core = placement.index
         process = self.spawn.Process(
             target=run_engine_core,
             args=(
                 msgspec.msgpack.encode(from_cli_args(self.args)),
-                self.input_address,
-                self.output_addresses,
+                self.input_addresses[core],
+                self.output_addresses[core],
                 logging.getLogger().getEffectiveLevel(),
                 True,  # the engine binds the input: every API process connects to it
                 lifeline,
+                placement,
             ),
-            name="hwlm::engine",
+            name=placement.title,
         )
         process.start()
         return process
 
     def _start_api(
-        self, index: int, sockets: list[socket.socket], lifeline: Connection
+        self, index: int, sockets: list[socket.socket], lifelines: list[Connection]
     ) -> BaseProcess:
+        addresses = [
+            (address, outputs[index])
+            for address, outputs in zip(self.input_addresses, self.output_addresses, strict=True)
+        ]
         process = self.spawn.Process(
             target=run_api_process,
             args=(
                 self.args,
                 sockets,
-                self.input_address,
-                self.output_addresses[index],
+                addresses,
                 index,
-                lifeline,
+                lifelines,
                 logging.getLogger().getEffectiveLevel(),
             ),
             name=f"hwlm::api{index}",
@@ -126,16 +147,17 @@ class _Supervisor:
 
     def _watch(self) -> int:
         """Until every API process has exited; 1 if one failed."""
-        engine_seen_dead = False
+        seen_dead: set[int] = set()  # engine cores
         failed = False
         while any(api.exitcode is None for api in self.apis):
             running = [api.sentinel for api in self.apis if api.exitcode is None]
-            watched = running if engine_seen_dead else [*running, self.engine.sentinel]
-            wait(watched, timeout=1.0)
-            if not engine_seen_dead and self.engine.exitcode is not None:
-                engine_seen_dead = True
-                if not self.stopping:
-                    logger.error("the engine process exited (code %s)", self.engine.exitcode)
+            engines = [e.sentinel for i, e in enumerate(self.engines) if i not in seen_dead]
+            wait([*running, *engines], timeout=1.0)
+            for i, engine in enumerate(self.engines):
+                if i not in seen_dead and engine.exitcode is not None:
+                    seen_dead.add(i)
+                    if not self.stopping:
+                        logger.error("%s exited (code %s)", engine.name, engine.exitcode)
             for api in self.apis:
                 if api.exitcode not in (None, 0) and not failed:
                     failed = True
@@ -151,34 +173,38 @@ class _Supervisor:
                     os.kill(api.pid, signal.SIGTERM)
 
     def _stop_engine(self) -> None:
-        if self.engine.exitcode is None:
-            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-            sock = context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(self.input_address)
-            sock.send(msgspec.msgpack.encode(Shutdown()))
-            sock.close()
-        self.engine.join(ENGINE_STOP_TIMEOUT)
-        if self.engine.exitcode is None:
-            logger.warning("the engine process did not stop; killing it")
-            self.engine.kill()
-            self.engine.join(5)
+        """Tell every engine core to stop, then wait for each (killing one that does not)."""
+        for engine, address in zip(self.engines, self.input_addresses, strict=True):
+            if engine.exitcode is None:
+                context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+                sock = context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(address)
+                sock.send(msgspec.msgpack.encode(Shutdown()))
+                sock.close()
+        for engine in self.engines:
+            engine.join(ENGINE_STOP_TIMEOUT)
+            if engine.exitcode is None:
+                logger.warning("%s did not stop; killing it", engine.name)
+                engine.kill()
+                engine.join(5)
 
 
 def run_api_process(
     args: argparse.Namespace,
     sockets: list[socket.socket],
-    input_address: str,
-    output_address: str,
+    addresses: list[tuple[str, str]],
     index: int,
-    lifeline: Connection,
+    lifelines: list[Connection],
     log_level: int,
 ) -> None:
-    """One API process: a client of the shared engine core, serving HTTP on ``sockets``."""
+    """One API process: a client of the shared engine core(s), serving HTTP on ``sockets``.
+    ``addresses``: per core, its input address and this process's output address."""
     import setproctitle
 
     from hwlm.cli.serve import _serve, _SignalGuard
     from hwlm.engine.client_mp import MultiProcessEngineClient
+    from hwlm.engine.dp_client import DataParallelEngineClient
     from hwlm.server.engine_seam_mp import ProcessEngineSeam
 
     setproctitle.setproctitle(f"hwlm::api{index}")
@@ -188,8 +214,15 @@ def run_api_process(
     guard = _SignalGuard()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, guard)
+    client: MultiProcessEngineClient | DataParallelEngineClient
     try:
-        client = MultiProcessEngineClient.connect(input_address, output_address, index, lifeline)
+        if len(addresses) == 1:
+            (input_address, output_address), (lifeline,) = addresses[0], lifelines
+            client = MultiProcessEngineClient.connect(
+                input_address, output_address, index, lifeline
+            )
+        else:
+            client = DataParallelEngineClient.connect(addresses, index, lifelines)
     except KeyboardInterrupt:
         raise SystemExit(0) from None
     except Exception as exc:

@@ -33,6 +33,7 @@ import zmq
 from hwlm.engine.client import EngineClient
 from hwlm.engine.client_stream import EngineDeadError, EngineStartupError
 from hwlm.engine.core_process import run_engine_core
+from hwlm.engine.dp_placement import CorePlacement
 from hwlm.engine.messages import EngineInfo, EngineInput, Shutdown, StartupFailed, output_decoder
 from hwlm.engine_args import EngineArgs
 
@@ -49,7 +50,8 @@ class _EngineProcess:
 
     owns_engine = True
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, placement: CorePlacement | None = None) -> None:
+        placement = placement or CorePlacement()
         self.folder = tempfile.mkdtemp(prefix="hwlm-engine-")
         # The process-wide context, never this object's own: a context collected in the same
         # garbage cycle as its sockets blocks forever in term() (pyzmq's __del__ finds no
@@ -66,8 +68,11 @@ class _EngineProcess:
                 self._address("input"),
                 [self._address("output")],
                 logging.getLogger().getEffectiveLevel(),
+                False,  # the engine connects to the input this client binds
+                None,  # no lifeline: this process is the engine's parent
+                placement,
             ),
-            name="hwlm::engine",
+            name=placement.title,
             daemon=True,  # terminated when this interpreter exits normally
         )
         self.process.start()

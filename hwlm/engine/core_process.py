@@ -31,6 +31,7 @@ import msgspec
 import zmq
 
 from hwlm.engine.core_router import OutputRouter
+from hwlm.engine.dp_placement import CorePlacement
 from hwlm.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -55,18 +56,23 @@ def run_engine_core(
     log_level: int,
     bind_input: bool = False,
     lifeline: object = None,
+    placement: CorePlacement | None = None,
 ) -> None:
     """The process's main function; ``args_msgpack`` is the ``EngineArgs``, msgpack-encoded.
     ``lifeline`` is held open for the process's life and closes when it ends (whatever holds
-    its other end sees the engine die)."""
+    its other end sees the engine die). ``placement``: this core's devices or CPU share and
+    title, one of ``--data-parallel-size`` cores (``hwlm.engine.dp_placement``)."""
     import setproctitle
 
-    setproctitle.setproctitle(PROCESS_TITLE)
+    placement = placement or CorePlacement()
+    placement.apply()
+    title = placement.title
+    setproctitle.setproctitle(title)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=log_level,
-            format=f"%(asctime)s %(levelname)s {PROCESS_TITLE} %(name)s: %(message)s",
+            format=f"%(asctime)s %(levelname)s {title} %(name)s: %(message)s",
         )
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)

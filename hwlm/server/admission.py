@@ -25,7 +25,8 @@ class ServerLimits:
     max_tokens: int | None = None
     max_n: int = 16
     max_stop_strings: int = 16
-    max_waiting_requests: int | None = 1024  # counted in sequences (see num_sequences)
+    max_waiting_requests: int | None = 1024  # counted in sequences (see num_sequences), per core
+    engine_cores: int = 1  # --data-parallel-size: the queue holds this many cores' bounds
     max_logprob_entries: int | None = 2**18  # in one response (see hwlm.server.logprob_budget)
     body_timeout_s: float = 60.0  # to receive a request's whole body
     metrics_require_key: bool = False  # /metrics needs the API key too
@@ -82,8 +83,9 @@ def check_capacity(
     num_waiting: int, limits: ServerLimits, draining: bool, incoming: int = 1
 ) -> None:
     """503 with Retry-After while the server drains for shutdown, or when ``incoming`` more
-    sequences would overfill the waiting queue (``num_waiting`` accepted but not yet scheduled);
-    400 for a request with more sequences (prompts x samples) than the queue can ever hold."""
+    sequences would overfill the waiting queue (``num_waiting`` accepted but not yet scheduled,
+    over all engine cores, which hold ``max_waiting_requests`` each); 400 for a request with more
+    sequences (prompts x samples) than one core's queue can ever hold (a request runs on one)."""
     if draining:
         raise APIError(
             "the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -95,10 +97,11 @@ def check_capacity(
             f"{incoming}",
             param="prompt",
         )
-    if bound is not None and num_waiting + incoming > bound:
+    total = None if bound is None else bound * limits.engine_cores
+    if total is not None and num_waiting + incoming > total:
         raise APIError(
             f"the server is overloaded: {num_waiting} requests are waiting (the limit is "
-            f"{bound}); retry later",
+            f"{total}); retry later",
             503,
             code="server_overloaded",
             headers={"Retry-After": str(RETRY_AFTER_S)},

@@ -111,7 +111,12 @@ def build_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": hwlm.__version__})
 
-    registry = metrics_registry(served_model_name, seam.stats_snapshot, seam.metrics_snapshot)
+    registry = metrics_registry(
+        served_model_name,
+        seam.stats_snapshot,
+        seam.metrics_snapshot,
+        getattr(seam, "core_stats", None),  # ProcessEngineSeam's: per-core metrics
+    )
 
     @app.get("/metrics")
     async def metrics() -> Response:

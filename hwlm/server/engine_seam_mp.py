@@ -22,6 +22,8 @@ from typing import Any
 from hwlm.engine import client_stream
 from hwlm.engine.client_mp import MultiProcessEngineClient
 from hwlm.engine.client_outputs import RequestOutputAssembler
+from hwlm.engine.dp_client import DataParallelEngineClient
+from hwlm.engine.messages import EngineStats as CoreStats
 from hwlm.engine.messages import RequestDelta
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
@@ -173,10 +175,15 @@ class _AssembledFeed:
 
 
 class ProcessEngineSeam(SeamText):
-    """The engine as the routes see it (``Seam``), the engine core running in its own process.
-    Does not own ``client``: whoever built it shuts it down."""
+    """The engine as the routes see it (``Seam``), the engine core running in its own process
+    (or several cores, with ``--data-parallel-size``). Does not own ``client``: whoever built it
+    shuts it down."""
 
-    def __init__(self, client: MultiProcessEngineClient, tokenizer: Any | None = None) -> None:
+    def __init__(
+        self,
+        client: MultiProcessEngineClient | DataParallelEngineClient,
+        tokenizer: Any | None = None,
+    ) -> None:
         self._client = client
         self._tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(client.info.tokenizer)
@@ -224,6 +231,13 @@ class ProcessEngineSeam(SeamText):
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         return self._client.serving_snapshot()
+
+    def core_stats(self) -> list[CoreStats]:
+        """Each engine core's stats: one entry, or one per core with --data-parallel-size."""
+        client = self._client
+        if isinstance(client, DataParallelEngineClient):
+            return client.core_stats()
+        return [client.stats_snapshot()]
 
     # Requests -------------------------------------------------------------------------------------
 

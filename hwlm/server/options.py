@@ -34,8 +34,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests",
         type=int,
         default=1024,
-        help="sequences (prompts x max(n, best_of)) allowed to wait for the scheduler; beyond "
-        "it new requests get 503 with Retry-After (0: no limit; default: 1024)",
+        help="sequences (prompts x max(n, best_of)) allowed to wait for the scheduler (per "
+        "engine core, with --data-parallel-size); beyond it new requests get 503 with "
+        "Retry-After (0: no limit; default: 1024)",
     )
     limits.add_argument(
         "--max-logprob-entries",
@@ -172,6 +173,7 @@ def server_limits(args: argparse.Namespace) -> Any:
         max_logprob_entries=args.max_logprob_entries or None,
         body_timeout_s=args.body_timeout,
         metrics_require_key=args.metrics_require_key,
+        engine_cores=getattr(args, "data_parallel_size", 1),
     )
 
 

@@ -9,6 +9,12 @@ vLLM's metric names under an ``hwlm:`` prefix, each labelled with ``model_name``
 - histograms: ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
   ``e2e_request_latency_seconds``.
 
+With several engine cores (``--data-parallel-size``) these are the sums over the cores (KV usage:
+of all their blocks), and each core's own figures follow with an ``engine`` label (its index),
+where vLLM labels its metrics by engine: ``engine_num_requests_running``,
+``engine_num_requests_waiting``, ``engine_kv_cache_usage_perc``, ``engine_prompt_tokens_total``,
+``engine_generation_tokens_total`` and ``engine_request_success_total`` (all finish reasons).
+
 Nothing is counted here: the engine keeps the totals, and a ``ServingCollector`` turns a snapshot
 of them into metric families at scrape time. So the page reads the same whether the stats come
 from a thread of this process or, later, as messages from an engine process. Each app has its own
@@ -18,7 +24,7 @@ from a thread of this process or, later, as messages from an engine process. Eac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -30,6 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from hwlm.engine.messages import EngineStats as CoreStats
 from hwlm.server.async_engine import EngineStats
 from hwlm.server.metrics import Histogram, MetricsSnapshot
 
@@ -51,10 +58,12 @@ class ServingCollector(Collector):
         model_name: str,
         engine_stats: Callable[[], EngineStats],
         serving_stats: Callable[[], MetricsSnapshot],
+        core_stats: Callable[[], Sequence[CoreStats]] | None = None,
     ) -> None:
         self._model = [model_name]
         self._engine_stats = engine_stats
         self._serving_stats = serving_stats
+        self._core_stats = core_stats
 
     def collect(self) -> Iterator[Metric]:
         stats, serving = self._engine_stats(), self._serving_stats()
@@ -88,6 +97,25 @@ class ServingCollector(Collector):
         yield self._histogram(
             "e2e_request_latency_seconds", "End-to-end request latency in seconds.", serving.e2e
         )
+        cores = self._core_stats() if self._core_stats is not None else []
+        if len(cores) > 1:
+            yield from self._per_core(cores)
+
+    def _per_core(self, cores: Sequence[CoreStats]) -> Iterator[Metric]:
+        """Each engine core's figures, labelled ``engine`` (--data-parallel-size)."""
+        families = (
+            (GaugeMetricFamily, "num_requests_running", "Requests in the core's running batch."),
+            (GaugeMetricFamily, "num_requests_waiting", "Requests waiting on the core."),
+            (GaugeMetricFamily, "kv_cache_usage_perc", "The core's KV-cache usage (1 = full)."),
+            (CounterMetricFamily, "prompt_tokens", "Prefill tokens the core processed."),
+            (CounterMetricFamily, "generation_tokens", "Tokens the core generated."),
+            (CounterMetricFamily, "request_success", "Requests the core finished."),
+        )
+        for kind, name, help_text in families:
+            family = kind(f"{PREFIX}engine_{name}", help_text, labels=[*LABELS, "engine"])
+            for index, stats in enumerate(cores):
+                family.add_metric([*self._model, str(index)], _core_value(stats, name))
+            yield family
 
     def _gauge(self, name: str, help_text: str, value: float) -> Metric:
         family = GaugeMetricFamily(PREFIX + name, help_text, labels=LABELS)
@@ -117,6 +145,18 @@ class ServingCollector(Collector):
         return family
 
 
+def _core_value(stats: CoreStats, name: str) -> float:
+    value = {
+        "num_requests_running": stats.num_running,
+        "num_requests_waiting": stats.num_waiting,
+        "kv_cache_usage_perc": stats.kv_cache_usage,
+        "prompt_tokens": stats.prompt_tokens,
+        "generation_tokens": stats.generation_tokens,
+        "request_success": sum(stats.finished.values()),
+    }[name]
+    return float(value)
+
+
 def _le(bound: float) -> str:
     """A bucket's ``le`` label, spelled as Prometheus' own clients do ("0.5", "10.0", "+Inf")."""
     return "+Inf" if math.isinf(bound) else repr(float(bound))
@@ -126,10 +166,12 @@ def metrics_registry(
     model_name: str,
     engine_stats: Callable[[], EngineStats],
     serving_stats: Callable[[], MetricsSnapshot],
+    core_stats: Callable[[], Sequence[CoreStats]] | None = None,
 ) -> CollectorRegistry:
-    """A private registry holding one ``ServingCollector``."""
+    """A private registry holding one ``ServingCollector`` (``core_stats``: each engine
+    core's stats, for the per-core families)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServingCollector(model_name, engine_stats, serving_stats))
+    registry.register(ServingCollector(model_name, engine_stats, serving_stats, core_stats))
     return registry
 
 
