@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, ProbeResult, QuantizedLinear
+
+if TYPE_CHECKING:
+    from hwlm.models.quantized_weight import PrequantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +51,28 @@ def _available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _limit_numba_pool(threads: int) -> None:
+    """Start numba's OpenMP pool (at its first kernel) with only ``threads`` threads: a larger
+    pool's idle threads spin on the cores of the other ranks, and every collective waits for
+    the slowest rank (a 2-rank C1-like model on 2 cores ran 17x slower with numba's default)."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    if getattr(parallel, "_is_initialized", False):
+        logger.warning("numba's threads were started before this rank was bound; ranks may compete")
+        return
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    numba.config.reload_config()  # type: ignore[no-untyped-call]
+    parallel.NUM_THREADS = threads  # read from the config when numba was imported
+
+
 class CPUBackend(Backend):
     name = "cpu"
     supported_dtypes = (torch.float32,)
     quantizations = ("int8", "int4")  # through ONNX Runtime (backends/cpu_quant.py)
+    # No fp8 KV cache: numba has no float8 type, and dequantizing whole caches in torch before
+    # every attention call would cost more than the smaller cache saves.
+    kv_cache_dtypes = ("auto",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,6 +91,20 @@ class CPUBackend(Backend):
         cap = float(os.environ.get("HWLM_CPU_KVCACHE_SPACE", "4")) * 2**30
         return int(min(memory_utilization * _available_memory(), cap))
 
+    def bind_rank(self, local_rank: int, local_world_size: int) -> None:
+        """Each rank takes its own slice of the usable cores (affinity, and as many torch
+        threads, which the numba kernels follow)."""
+        if local_world_size <= 1:
+            return
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        per_rank = max(1, (len(cores) or os.cpu_count() or 1) // local_world_size)
+        mine = cores[local_rank * per_rank : (local_rank + 1) * per_rank]
+        if mine and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, mine)
+        torch.set_num_threads(per_rank)
+        _limit_numba_pool(per_rank)
+        logger.info("cpu rank %d: cores %s, %d threads", local_rank, mine or "any", per_rank)
+
     def prepare_model(self, model: torch.nn.Module) -> None:
         from .cpu_linear import pack_linear_layers
 
@@ -81,6 +117,13 @@ class CPUBackend(Backend):
         from .cpu_quant import quantized_linear
 
         return quantized_linear(weight, bias, method)
+
+    def prequantized_linear(
+        self, weight: PrequantizedWeight, bias: torch.Tensor | None
+    ) -> QuantizedLinear:
+        from .cpu_prequantized import prequantized_linear
+
+        return prequantized_linear(weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out: torch.Tensor = self._kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps)
@@ -96,11 +139,19 @@ class CPUBackend(Backend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,  # never given: kv_cache_dtypes has no fp8
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         self._kernels.write_kv(key, value, kv_cache, slot_mapping)
 
     def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out: torch.Tensor = self._kernels.paged_attention(query, kv_cache, metadata, scale)
         return out

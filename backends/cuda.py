@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hwlm.attention import AttentionMetadata
-from hwlm.backend import Backend, DecodeRunner, ProbeResult
+from hwlm.backend import Backend, DecodeRunner, ProbeResult, QuantizedLinear
 from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_upload
 
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
+    from hwlm.models.quantized_weight import PrequantizedWeight
 
 MAX_HEAD_SIZE = 256
 
@@ -74,11 +75,15 @@ class CUDABackend(Backend):
     name = "cuda"
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     preferred_dtype = torch.bfloat16
+    # fp8: float8_e4m3fn (Hopper/Ada hardware converts it; older GPUs emulate the casts).
+    kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto", "fp8", "fp8_e4m3")
     warp_size: ClassVar[int] = 32  # threads per warp: Triton's num_warps counts these
     # The GPU runs a step's kernels while the host prepares the next one: overlap them, and
     # size the KV cache after a step as large as the scheduler allows.
     overlap_steps = True
     profile_memory_with_warm_up = True
+    distributed_backend = "nccl"
+    quantizations: ClassVar[tuple[str, ...]] = ("int8", "int4", "fp8")  # backends/cuda_quant.py
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +120,17 @@ class CUDABackend(Backend):
             )
         return reasons
 
+    def bind_rank(self, local_rank: int, local_world_size: int) -> None:
+        """Rank ``local_rank`` runs on GPU ``local_rank`` of those visible."""
+        count = torch.cuda.device_count()
+        if count < local_world_size:
+            raise ValueError(
+                f"tensor_parallel_size {local_world_size} needs {local_world_size} GPUs on this "
+                f"host; {count} visible"
+            )
+        self.device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(self.device)
+
     def memory_budget(self, memory_utilization: float) -> int:
         """``memory_utilization`` of the whole device, less what is used outside torch's
         allocator (the CUDA context, libraries, other processes) and less the peak torch has
@@ -146,14 +162,31 @@ class CUDABackend(Backend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
-        self._kernels.write_kv(key, value, kv_cache, slot_mapping, warp_size=self.warp_size)
+        self._kernels.write_kv(
+            key, value, kv_cache, slot_mapping, k_scale, v_scale, warp_size=self.warp_size
+        )
 
     def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out: torch.Tensor = self._kernels.paged_attention(
-            query, kv_cache, metadata, scale, warp_size=self.warp_size, num_sms=self.num_sms
+            query,
+            kv_cache,
+            metadata,
+            scale,
+            k_scale,
+            v_scale,
+            warp_size=self.warp_size,
+            num_sms=self.num_sms,
         )
         return out
 
@@ -186,6 +219,20 @@ class CUDABackend(Backend):
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
+
+    def quantized_linear(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, method: str
+    ) -> QuantizedLinear:
+        from .cuda_quant import quantized_linear
+
+        return quantized_linear(weight, bias, method, self.num_sms)
+
+    def prequantized_linear(
+        self, weight: PrequantizedWeight, bias: torch.Tensor | None
+    ) -> QuantizedLinear:
+        from .cuda_quant import prequantized_linear
+
+        return prequantized_linear(weight, bias, self.device, self.num_sms)
 
     def capture_decode(
         self,

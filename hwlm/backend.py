@@ -9,6 +9,9 @@ A backend is a class (one instance per device) with a handful of members:
 - ``allocate_kv_cache(...)``: one tensor per layer, layout ``[2, num_blocks, block_size,
   num_kv_heads, head_size]`` (see ``hwlm.attention``).
 - ``write_kv``, ``attention``, ``copy_blocks``: the paged-attention operations.
+- ``kv_cache_dtypes``: the ``kv_cache_dtype`` settings a backend runs; "auto" (the model's dtype)
+  everywhere, "fp8" (float8_e4m3fn with per-layer ``k_scale``/``v_scale``, passed to
+  ``write_kv`` and ``attention`` only for an fp8 cache) where listed; ``check`` refuses others.
 - ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary`` and ``greedy_sample``: optional
   fused ops; the defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
@@ -40,8 +43,8 @@ from hwlm.engine.transfer import CopyAtWait, HostCopy
 
 if TYPE_CHECKING:
     from hwlm.attention import AttentionMetadata
-    from hwlm.models.quantized_weight import PrequantizedWeight
     from hwlm.config import EngineConfig, ModelConfig
+    from hwlm.models.quantized_weight import PrequantizedWeight
 
 INTERFACE_VERSION = 1
 
@@ -116,6 +119,10 @@ class Backend(ABC):
     profile_memory_with_warm_up: ClassVar[bool] = False
     # The weight quantizations ``quantized_linear`` accepts (names from ``EngineArgs``).
     quantizations: ClassVar[tuple[str, ...]] = ()
+    # The torch.distributed library of tensor parallelism's collectives (``hwlm.distributed``).
+    distributed_backend: ClassVar[str] = "gloo"
+    # The ``kv_cache_dtype`` settings (names from ``EngineArgs``) this backend runs.
+    kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -130,6 +137,12 @@ class Backend(ABC):
         if dtype not in self.supported_dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
             return [f"{self.name} backend does not support dtype {dtype}; supported: {names}"]
+        if engine.kv_cache_dtype not in self.kv_cache_dtypes:
+            runs = ", ".join(self.kv_cache_dtypes)
+            return [
+                f"kv_cache_dtype {engine.kv_cache_dtype!r} is not supported by the {self.name} "
+                f"backend (it runs: {runs})"
+            ]
         return []
 
     @abstractmethod
@@ -157,8 +170,12 @@ class Backend(ABC):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
         kv_cache: torch.Tensor,  # one layer's cache
         slot_mapping: torch.Tensor,  # int64 [num_tokens]; -1 = skip
+        k_scale: torch.Tensor | None = None,  # float32 [1], fp8 caches only
+        v_scale: torch.Tensor | None = None,
     ) -> None:
-        """Store each token's key and value at its slot."""
+        """Store each token's key and value at its slot. An fp8 cache (float8_e4m3fn) stores
+        ``clamp(k / k_scale, -448, 448)`` rounded to nearest even, and the same for v
+        (``hwlm.kernels.reference.write_kv``); the scales are passed only for fp8 caches."""
 
     @abstractmethod
     def attention(
@@ -167,8 +184,11 @@ class Backend(ABC):
         kv_cache: torch.Tensor,  # one layer's cache, already holding this step's keys/values
         metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # float32 [1], fp8 caches only
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal paged attention for a mixed batch; returns [num_tokens, num_heads, head_size]."""
+        """Causal paged attention for a mixed batch; returns [num_tokens, num_heads, head_size].
+        An fp8 cache's keys and values are read as ``fp8 * k_scale`` and ``fp8 * v_scale``."""
 
     @abstractmethod
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
@@ -245,6 +265,12 @@ class Backend(ABC):
     ) -> DecodeRunner | None:
         """A faster path for decode steps of up to ``max_num_seqs`` sequences, or None (the
         default: every step runs the model eagerly)."""
+        return None
+
+    def bind_rank(self, local_rank: int, local_world_size: int) -> None:
+        """Take this tensor-parallel rank's share of the host (its device, its cores), before
+        anything is allocated; ``local_world_size`` ranks share this host. ValueError (one
+        line) when the host has too few devices. The default does nothing."""
         return None
 
     def synchronize(self) -> None:

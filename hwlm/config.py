@@ -44,6 +44,25 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# The cache element type of each ``kv_cache_dtype`` but "auto" (which is the model's dtype).
+_KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for the setting ``kv_cache_dtype`` and the model's ``dtype``."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    if kv_cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"unknown kv_cache_dtype {kv_cache_dtype!r}; expected auto or one of "
+            f"{', '.join(_KV_CACHE_DTYPES)}"
+        )
+    return _KV_CACHE_DTYPES[kv_cache_dtype]
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Map a dtype name ('float32', 'bfloat16', 'half', ...) to a torch dtype."""
     if isinstance(name, torch.dtype):
@@ -202,6 +221,7 @@ class EngineConfig:
     enforce_eager: bool = arg_default("enforce_eager")  # True: no CUDA graphs
     scheduling_policy: str = arg_default("scheduling_policy")
     max_request_share: float = arg_default("max_request_share")
+    kv_cache_dtype: str = arg_default("kv_cache_dtype")  # auto: the model's dtype
 
     def __post_init__(self) -> None:
         _require(
@@ -222,6 +242,11 @@ class EngineConfig:
         _require(
             0.0 < self.memory_utilization <= 1.0,
             f"memory_utilization must be in (0, 1], got {self.memory_utilization}",
+        )
+        _require(
+            self.kv_cache_dtype == "auto" or self.kv_cache_dtype in _KV_CACHE_DTYPES,
+            f"kv_cache_dtype must be auto or one of {', '.join(_KV_CACHE_DTYPES)}, got "
+            f"{self.kv_cache_dtype!r}",
         )
         if self.num_kv_blocks is not None:
             _require(

@@ -28,8 +28,12 @@ from typing import Any
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# KV-cache element types: auto (the model's dtype) or fp8 (= fp8_e4m3, float8_e4m3fn).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Weight quantizations, applied to the float weights at load time (docs/quantization.md).
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "fp8")
+# How ranks 1..N-1 of tensor parallelism start (hwlm.distributed).
+DISTRIBUTED_EXECUTORS = ("mp", "ray")
 
 
 def _setting(
@@ -40,10 +44,12 @@ def _setting(
     choices: tuple[str, ...] | None = None,
     default_help: str | None = None,
     cli: bool = True,
+    short: tuple[str, ...] = (),
 ) -> Any:
     metadata = {
         "help": help_text,
         "aliases": aliases,
+        "short": short,  # single-dash flags, e.g. -tp
         "choices": choices,
         "default_help": default_help,
         "cli": cli,
@@ -68,6 +74,11 @@ class EngineArgs:
         "float16 or bfloat16",
     )
     seed: int = _setting(0, "random seed")
+    data_parallel_size: int = _setting(
+        1,
+        "hwlm serve only: engine cores, each a whole engine on its own devices (GPU i, or its "
+        "share of the CPU cores), between which the API server balances requests",
+    )
     max_model_len: int | None = _setting(
         None,
         "context length, prompt plus output, in tokens; above the model's limit only with "
@@ -110,10 +121,29 @@ class EngineArgs:
     )
     quantization: str | None = _setting(
         None,
-        "quantize the dense layers' weights at load time: int8 (per channel) or int4 (blocks of "
-        "128); cpu backend only, through ONNX Runtime (pip install 'hwlm[cpu-quant]')",
+        "quantize the dense layers' weights at load time: int8 or int4 (cpu: ONNX Runtime, "
+        "pip install 'hwlm[cpu-quant]'; cuda: W4A16/W8A16 Triton kernels), fp8 (cuda: fp8 "
+        "weights and per-token fp8 activations)",
         choices=QUANTIZATIONS,
         default_help="none, the model's float weights",
+    )
+    kv_cache_dtype: str = _setting(
+        "auto",
+        "KV-cache element type: auto (the model's dtype) or fp8 (float8 e4m3 with a per-layer "
+        "scale, 1.0 unless the checkpoint has one: half the bytes of bf16; cuda backend)",
+        choices=KV_CACHE_DTYPES,
+    )
+    tensor_parallel_size: int = _setting(
+        1,
+        "split the model over this many devices (or CPU processes): each rank holds its share "
+        "of the heads and of the MLP; 1 runs in the engine process alone",
+        short=("-tp",),
+    )
+    distributed_executor_backend: str = _setting(
+        "mp",
+        "how ranks 1..N-1 of tensor parallelism start: mp (processes on this host) or ray (Ray "
+        "actors, across machines; pip install 'hwlm[distributed]')",
+        choices=DISTRIBUTED_EXECUTORS,
     )
     tokenizer: str | None = _setting(None, "tokenizer folder or hub id", default_help="the model's")
     enforce_eager: bool = _setting(
@@ -160,6 +190,7 @@ def add_cli_args(
     for f in cli_fields():
         default, default_text = (overrides or {}).get(f.name, (f.default, _default_text(f)))
         names = [flag_name(n) for n in (f.name, *f.metadata.get("aliases", ()))]
+        names += f.metadata.get("short", ())
         help_text = f"{f.metadata['help']} (default: {default_text})".replace("%", "%%")
         kind = _value_type(hints[f.name])
         if kind is bool:

@@ -11,12 +11,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hwlm.backend import Backend
-from hwlm.config import EngineConfig, ModelConfig, parse_dtype, resolve_max_model_len
+from hwlm.config import (
+    EngineConfig,
+    ModelConfig,
+    kv_cache_torch_dtype,
+    parse_dtype,
+    resolve_max_model_len,
+)
+from hwlm.distributed.sharding import check_tensor_parallel, kv_heads_per_rank
 from hwlm.engine.block_manager import BlockManager
 from hwlm.engine.heap import freeze_startup_heap
 from hwlm.engine.model_runner import ModelRunner
@@ -35,6 +42,10 @@ from hwlm.sampling.structured.manager import StructuredOutputs
 from hwlm.sampling_params import ParameterError, SamplingParams
 from hwlm.text.tokenizer import decode_tokens, load_tokenizer, new_detokenizer
 
+if TYPE_CHECKING:
+    from hwlm.distributed.executor import Executor
+    from hwlm.models.loader import ResolvedModel
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,12 +61,16 @@ class LLMEngine:
         self.backend = select_backend(args.device)()
         self.config = self._engine_config(args, self.model_config, self.backend)
         self.dtype = self._resolve_dtype(args.dtype)
+        self.kv_dtype = kv_cache_torch_dtype(self.config.kv_cache_dtype, self.dtype)
         problems = self.backend.check(self.model_config, self.config, self.dtype)
         if problems:
             raise ValueError(
                 f"{self.backend.name} cannot serve {args.model}: " + "; ".join(problems)
             )
         self.tokenizer = load_tokenizer(args.tokenizer or resolved.tokenizer_path)
+        # Tensor parallelism: this process is rank 0; None (size 1) starts nothing.
+        self.executor = self._start_executor(args, resolved)
+        self.kv_heads = kv_heads_per_rank(self.model_config, args.tensor_parallel_size)
         start = time.perf_counter()
         model = load_model(
             resolved,
@@ -65,13 +80,21 @@ class LLMEngine:
             args.load_format,
             args.seed,
             args.quantization,
+            parallel=None if self.executor is None else self.executor.group,
         )
+        if self.executor is not None:
+            self.executor.wait_until_loaded()
         logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
-        self.runner = ModelRunner(model, self.backend, self.config)
+        self.runner = ModelRunner(model, self.backend, self.config, self.executor)
         self._warm_up()  # before the budget, which may count the warm-up step's peak
         num_blocks = self._num_kv_blocks()
         self.runner.attach_kv_caches(self._allocate_kv_cache(num_blocks))
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens in %s",
+            num_blocks,
+            self.config.block_size,
+            str(self.kv_dtype).removeprefix("torch."),
+        )
         self.block_manager = BlockManager(
             num_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
@@ -119,7 +142,24 @@ class LLMEngine:
             enforce_eager=args.enforce_eager,
             scheduling_policy=args.scheduling_policy,
             max_request_share=args.max_request_share,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
+
+    def _start_executor(self, args: EngineArgs, resolved: ResolvedModel) -> Executor | None:
+        """Start ranks 1..N-1 (``hwlm.distributed``) for ``tensor_parallel_size`` N > 1."""
+        size = args.tensor_parallel_size
+        check_tensor_parallel(self.model_config, size)
+        if size == 1:
+            return None
+        gguf = str(resolved.weights_path or "").endswith(".gguf")
+        if gguf or resolved.hf_config.get("quantization_config") is not None:
+            raise ValueError(
+                f"tensor_parallel_size {size}: pre-quantized checkpoints are not split yet; "
+                "use tensor_parallel_size 1, or float weights with --quantization"
+            )
+        from hwlm.distributed.executor import start_executor
+
+        return start_executor(args, self.backend, self.dtype, args.distributed_executor_backend)
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:
         if dtype != "auto":
@@ -141,14 +181,17 @@ class LLMEngine:
         logger.info("warmed up in %.1fs", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
+        """This rank's cache (its KV heads); the workers allocate theirs alike."""
         m = self.model_config
+        if self.executor is not None:
+            self.executor.allocate_kv_cache(num_blocks, self.config.block_size, self.kv_dtype)
         return self.backend.allocate_kv_cache(
             m.num_layers,
             num_blocks,
             self.config.block_size,
-            m.num_kv_heads,
+            self.kv_heads,
             m.head_size,
-            self.dtype,
+            self.kv_dtype,
         )
 
     def _num_kv_blocks(self) -> int:
@@ -156,8 +199,11 @@ class LLMEngine:
         useful = cfg.max_num_seqs * cfg.blocks_for_tokens(cfg.max_model_len)
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        block_bytes = self.model_config.kv_bytes_per_token(self.dtype) * cfg.block_size
+        block_bytes = self.model_config.kv_bytes_per_token(self.kv_dtype) * cfg.block_size
         budget = self.backend.memory_budget(cfg.memory_utilization)
+        if self.executor is not None:  # every rank holds every block: the smallest budget
+            block_bytes = block_bytes * self.kv_heads // self.model_config.num_kv_heads
+            budget = self.executor.min_memory_budget(budget, cfg.memory_utilization)
         fitting = budget // block_bytes
         if fitting < cfg.blocks_for_tokens(cfg.max_model_len):
             raise ValueError(

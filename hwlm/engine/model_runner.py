@@ -6,8 +6,11 @@ builds the flattened inputs and the step's AttentionMetadata, which it passes do
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +24,9 @@ from hwlm.models import CausalLM
 from hwlm.sampling.prompt_logprobs import record_prompt_logprobs
 from hwlm.sampling.sampler import SampledBatch, Sampler
 from hwlm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hwlm.distributed.executor import Executor
 
 
 @dataclass
@@ -38,10 +44,19 @@ class ModelRunner:
         model: CausalLM,
         backend: Backend,
         config: EngineConfig,
+        executor: Executor | None = None,
     ) -> None:
         """``attach_kv_caches`` completes it: the cache is sized after ``warm_up`` has shown
-        what the forward itself needs."""
+        what the forward itself needs. With an ``executor`` (tensor parallelism) ``model`` is
+        rank 0's shard, and every forward and logits product is announced to the workers
+        first, so that they run theirs alongside."""
         self.model = model
+        self.executor = executor
+        self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = (
+            model.compute_logits
+            if executor is None
+            else functools.partial(executor.compute_logits, model)
+        )
         self.backend = backend
         self.config = config
         self.block_size = config.block_size
@@ -54,7 +69,7 @@ class ModelRunner:
     def attach_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Use ``kv_caches`` from now on, and capture the decode graphs over them."""
         self.kv_caches = kv_caches
-        if not self.config.enforce_eager:
+        if not self.config.enforce_eager and self.executor is None:  # TP: eager (for now)
             self.decode_runner = self.backend.capture_decode(
                 self.model, kv_caches, self.config.max_num_seqs, self.config.max_model_len
             )
@@ -66,13 +81,17 @@ class ModelRunner:
         if batch.copies:
             self.backend.copy_blocks(self.kv_caches, batch.copies)
         inputs = self.prepare(batch)
+        if self.executor is not None:
+            self.executor.send_step(
+                inputs.input_ids, inputs.positions, inputs.metadata, batch.copies
+            )
         with torch.inference_mode():
             hidden = self._forward(inputs)
             if any(s.wants_prompt_logprobs for s in batch.seqs):
-                record_prompt_logprobs(batch, hidden, self.model.compute_logits)
+                record_prompt_logprobs(batch, hidden, self.compute_logits)
             if not inputs.sample_seqs:
                 return None
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            logits = self.compute_logits(hidden[inputs.sample_rows])
             sampled = self.sampler.sample(logits, inputs.sample_seqs)
         self._last_sampled = sampled.token_ids
         return sampled
@@ -132,9 +151,11 @@ class ModelRunner:
         metadata = AttentionMetadata(
             qsl, lens, tables.view(len(q_lens), blocks), slots, prefill, prefill
         )
+        if self.executor is not None:
+            self.executor.send_step(ids, pos, metadata, [])
         with torch.inference_mode():
             ctx = ForwardContext(self.backend, kv_caches, metadata)
-            logits = self.model.compute_logits(self.model(ids, pos, ctx)[rows])
+            logits = self.compute_logits(self.model(ids, pos, ctx)[rows])
             for params in _WARM_UP_SAMPLING:
                 dummies = [Sequence(-1 - i, "warm-up", [0], params) for i in range(len(q_lens))]
                 self.sampler.sample(logits, dummies).to_output()

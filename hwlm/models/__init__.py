@@ -11,7 +11,8 @@ from torch import nn
 from hwlm.attention import ForwardContext
 from hwlm.backend import Backend
 from hwlm.config import ModelConfig
-from hwlm.models.layers import Embedding, Linear, LinearKernel
+from hwlm.distributed.parallel_state import ParallelGroup
+from hwlm.models.layers import Embedding, Linear, LinearKernel, ParallelLayer
 
 
 class CausalLM(nn.Module):
@@ -37,12 +38,19 @@ class CausalLM(nn.Module):
     lm_head: Linear | Embedding
     # Set by a backend's prepare_model: the LM-head product from repacked weights.
     logits_kernel: LinearKernel | None = None
+    # The tensor-parallel group this model is a shard of; None: the whole model (no group).
+    parallel: ParallelGroup | None = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> float32 logits [n, vocab_size]."""
+        """[n, hidden] -> float32 logits [n, vocab_size]. A tensor-parallel shard computes its
+        slice of the vocabulary and gathers the others' (every rank must call it)."""
         if self.logits_kernel is not None:
-            return self.logits_kernel(hidden).float()
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+            logits = self.logits_kernel(hidden).float()
+        else:
+            logits = torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+        if self.parallel is not None:
+            return self.parallel.all_gather(logits)[:, : self.config.vocab_size]
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, converting dtype.
@@ -71,6 +79,8 @@ class CausalLM(nn.Module):
             if shard is not None:
                 sizes = self._fused_module(name).output_sizes
                 target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if self.parallel is not None:
+                tensor = self._rank_slice(name, tensor, shard)
             if target.shape != tensor.shape:
                 raise ValueError(
                     f"weight {ckpt_name!r} has shape {tuple(tensor.shape)} in the checkpoint but "
@@ -89,6 +99,15 @@ class CausalLM(nn.Module):
                 f"checkpoint does not match {self.config.architecture}: " + "; ".join(parts)
             )
 
+    def _rank_slice(self, param_name: str, tensor: torch.Tensor, shard: int | None) -> torch.Tensor:
+        """The part of a checkpoint tensor this tensor-parallel rank keeps (each rank reads the
+        whole checkpoint and slices it here)."""
+        module_name, _, attr = param_name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if isinstance(module, ParallelLayer):
+            return module.checkpoint_slice(attr, tensor, shard)
+        return tensor  # replicated: norms, position embeddings, OPT's projections
+
     def _fused_module(self, param_name: str) -> Linear:
         module = self.get_submodule(param_name.rpartition(".")[0])
         assert isinstance(module, Linear)
@@ -96,6 +115,8 @@ class CausalLM(nn.Module):
 
     def _shards(self, param_name: str) -> list[int | None]:
         module = self.get_submodule(param_name.rpartition(".")[0])
+        if isinstance(module, Linear) and module.kernel is not None:
+            return []  # loaded from a pre-quantized checkpoint (hwlm.models.checkpoints)
         if isinstance(module, Linear) and len(module.output_sizes) > 1:
             return list(range(len(module.output_sizes)))
         return [None]
@@ -116,9 +137,15 @@ def _few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + more
 
 
-def build_model(config: ModelConfig, backend: Backend, dtype: torch.dtype) -> CausalLM:
+def build_model(
+    config: ModelConfig,
+    backend: Backend,
+    dtype: torch.dtype,
+    parallel: ParallelGroup | None = None,
+) -> CausalLM:
     """An uninitialised model of ``config.family`` with parameters of ``dtype`` on the
-    backend's device (fill it with ``load_weights`` or ``hwlm.models.loader``)."""
+    backend's device (fill it with ``load_weights`` or ``hwlm.models.loader``); with a
+    ``parallel`` group of several ranks, this rank's shard of it."""
     from hwlm.models.llama import LlamaForCausalLM
     from hwlm.models.opt import OPTForCausalLM
 
@@ -130,8 +157,12 @@ def build_model(config: ModelConfig, backend: Backend, dtype: torch.dtype) -> Ca
     }
     if config.family not in families:
         raise ValueError(f"no implementation for model family {config.family!r}")
+    if parallel is not None and parallel.size == 1:
+        parallel = None
     with torch.device(backend.device):
-        return families[config.family](config, dtype)
+        if parallel is None:
+            return families[config.family](config, dtype)
+        return families[config.family](config, dtype, parallel)
 
 
 __all__ = ["CausalLM", "build_model"]

@@ -20,8 +20,18 @@ from torch import nn
 
 from hwlm.attention import ForwardContext
 from hwlm.config import ModelConfig
+from hwlm.distributed.parallel_state import ParallelGroup
+from hwlm.distributed.sharding import even_shard, head_shard, vocab_shard
 from hwlm.models import CausalLM
-from hwlm.models.layers import Attention, Embedding, Linear, RMSNorm
+from hwlm.models.layers import (
+    Attention,
+    Embedding,
+    Linear,
+    RMSNorm,
+    column_linear,
+    row_linear,
+    vocab_embedding,
+)
 from hwlm.models.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -36,13 +46,17 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
+        tp: ParallelGroup | None = None,
     ) -> None:
         super().__init__()
         d = config.head_size
-        self.num_heads, self.num_kv_heads, self.head_size = config.num_heads, config.num_kv_heads, d
-        self.sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
-        self.qkv_proj = Linear(config.hidden_size, self.sizes, qkv_bias, dtype)
-        self.o_proj = Linear(self.num_heads * d, config.hidden_size, o_bias, dtype)
+        rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
+        q = head_shard(config.num_heads, d, rank, size)  # this rank's heads (all of them: 1 rank)
+        kv = head_shard(config.num_kv_heads, d, rank, size)
+        self.num_heads, self.num_kv_heads, self.head_size = q.size // d, kv.size // d, d
+        self.sizes = [q.size, kv.size, kv.size]
+        self.qkv_proj = column_linear(config.hidden_size, [q, kv, kv], qkv_bias, dtype, tp)
+        self.o_proj = row_linear(q, config.hidden_size, o_bias, dtype, tp)
         self.q_norm = RMSNorm(d, config.norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(d, config.norm_eps, dtype) if qk_norm else None
         self.attn = Attention(layer_idx, d**-0.5)
@@ -64,11 +78,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, bias: bool) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, bias: bool, tp: ParallelGroup | None = None
+    ) -> None:
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, dtype)
-        self.down_proj = Linear(inter, config.hidden_size, bias, dtype)
+        rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
+        inter = even_shard(config.intermediate_size, rank, size)
+        self.gate_up_proj = column_linear(config.hidden_size, [inter, inter], bias, dtype, tp)
+        self.down_proj = row_linear(inter, config.hidden_size, bias, dtype, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         out: torch.Tensor = self.down_proj(ctx.backend.silu_and_mul(self.gate_up_proj(x)))
@@ -76,7 +93,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        tp: ParallelGroup | None = None,
+    ) -> None:
         super().__init__()
         hf, family = config.hf, config.family
         attention_bias = bool(hf.get("attention_bias", False))
@@ -91,9 +114,9 @@ class LlamaDecoderLayer(nn.Module):
             qkv_bias = o_bias = attention_bias
             mlp_bias = bool(hf.get("mlp_bias", False))
         self.self_attn = LlamaAttention(
-            config, layer_idx, dtype, qkv_bias, o_bias, qk_norm=family == "qwen3"
+            config, layer_idx, dtype, qkv_bias, o_bias, qk_norm=family == "qwen3", tp=tp
         )
-        self.mlp = LlamaMLP(config, dtype, mlp_bias)
+        self.mlp = LlamaMLP(config, dtype, mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
 
@@ -118,11 +141,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, tp: ParallelGroup | None = None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, dtype, tp) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config, dtype)
@@ -150,18 +175,25 @@ class LlamaForCausalLM(CausalLM):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, parallel: ParallelGroup | None = None
+    ) -> None:
+        """With ``parallel``: this rank's shard (``hwlm.distributed.sharding``)."""
         super().__init__()
         act = config.hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"{config.architecture} with hidden_act {act!r} is not supported")
         _warn_sliding_window(config)
         self.config = config
-        self.model = LlamaModel(config, dtype)
+        self.parallel = parallel
+        self.model = LlamaModel(config, dtype, parallel)
         if config.tie_word_embeddings:
             self.lm_head: Linear | Embedding = self.model.embed_tokens
-        else:
+        elif parallel is None:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
+        else:
+            vocab = vocab_shard(config.vocab_size, parallel.rank, parallel.size)
+            self.lm_head = column_linear(config.hidden_size, [vocab], False, dtype, parallel)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext

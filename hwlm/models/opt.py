@@ -12,20 +12,39 @@ from torch import nn
 
 from hwlm.attention import ForwardContext
 from hwlm.config import ModelConfig
+from hwlm.distributed.parallel_state import ParallelGroup
+from hwlm.distributed.sharding import even_shard, head_shard, vocab_shard
 from hwlm.models import CausalLM
-from hwlm.models.layers import Attention, Embedding, LayerNorm, Linear
+from hwlm.models.layers import (
+    Attention,
+    Embedding,
+    LayerNorm,
+    Linear,
+    column_linear,
+    row_linear,
+    vocab_embedding,
+)
 
 _POSITION_OFFSET = 2  # OPT's position table has two extra leading rows
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, bias: bool) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        bias: bool,
+        tp: ParallelGroup | None = None,
+    ) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads, self.head_size = config.num_heads, config.head_size
-        self.qkv_proj = Linear(hidden, [hidden, hidden, hidden], bias, dtype)
-        self.out_proj = Linear(hidden, hidden, bias, dtype)
+        rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
+        heads = head_shard(config.num_heads, config.head_size, rank, size)
+        self.num_heads, self.head_size = heads.size // config.head_size, config.head_size
+        self.qkv_proj = column_linear(hidden, [heads, heads, heads], bias, dtype, tp)
+        self.out_proj = row_linear(heads, hidden, bias, dtype, tp)
         self.attn = Attention(layer_idx, config.head_size**-0.5)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -36,7 +55,13 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        tp: ParallelGroup | None = None,
+    ) -> None:
         super().__init__()
         hf, hidden, eps = config.hf, config.hidden_size, config.norm_eps
         bias = bool(hf.get("enable_bias", True))
@@ -46,10 +71,12 @@ class OPTDecoderLayer(nn.Module):
             raise ValueError(f"OPT with activation_function {act!r} is not supported")
         self.act = _ACTIVATIONS[act]
         self.pre_norm = bool(hf.get("do_layer_norm_before", True))
-        self.self_attn = OPTAttention(config, layer_idx, dtype, bias)
+        self.self_attn = OPTAttention(config, layer_idx, dtype, bias, tp)
         self.self_attn_layer_norm = LayerNorm(hidden, eps, affine, dtype)
-        self.fc1 = Linear(hidden, config.intermediate_size, bias, dtype)
-        self.fc2 = Linear(config.intermediate_size, hidden, bias, dtype)
+        rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
+        ffn = even_shard(config.intermediate_size, rank, size)
+        self.fc1 = column_linear(hidden, [ffn], bias, dtype, tp)
+        self.fc2 = row_linear(ffn, hidden, bias, dtype, tp)
         self.final_layer_norm = LayerNorm(hidden, eps, affine, dtype)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -63,11 +90,13 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, tp: ParallelGroup | None = None
+    ) -> None:
         super().__init__()
         hf, hidden = config.hf, config.hidden_size
         embed_dim = int(hf.get("word_embed_proj_dim") or hidden)
-        self.embed_tokens = Embedding(config.vocab_size, embed_dim, dtype)
+        self.embed_tokens = vocab_embedding(config.vocab_size, embed_dim, dtype, tp)
         self.embed_positions = Embedding(
             config.max_position_embeddings + _POSITION_OFFSET, hidden, dtype
         )
@@ -82,7 +111,7 @@ class OPTDecoder(nn.Module):
             LayerNorm(hidden, config.norm_eps, affine, dtype) if final_norm else None
         )
         self.layers = nn.ModuleList(
-            OPTDecoderLayer(config, i, dtype) for i in range(config.num_layers)
+            OPTDecoderLayer(config, i, dtype, tp) for i in range(config.num_layers)
         )
 
     def forward(
@@ -100,9 +129,11 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, tp: ParallelGroup | None = None
+    ) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(config, dtype)
+        self.decoder = OPTDecoder(config, dtype, tp)
 
 
 class OPTForCausalLM(CausalLM):
@@ -112,17 +143,24 @@ class OPTForCausalLM(CausalLM):
         ".v_proj.": (".qkv_proj.", 2),
     }
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, parallel: ParallelGroup | None = None
+    ) -> None:
+        """With ``parallel``: this rank's shard (``hwlm.distributed.sharding``); the position
+        table and project_in/out are replicated."""
         super().__init__()
         self.config = config
-        self.model = OPTModel(config, dtype)
+        self.parallel = parallel
+        self.model = OPTModel(config, dtype, parallel)
         decoder = self.model.decoder
+        embed_dim = decoder.embed_tokens.weight.shape[1]
         if config.tie_word_embeddings:
             self.lm_head: Linear | Embedding = decoder.embed_tokens
+        elif parallel is None:
+            self.lm_head = Linear(embed_dim, config.vocab_size, False, dtype)
         else:
-            self.lm_head = Linear(
-                decoder.embed_tokens.weight.shape[1], config.vocab_size, False, dtype
-            )
+            vocab = vocab_shard(config.vocab_size, parallel.rank, parallel.size)
+            self.lm_head = column_linear(embed_dim, [vocab], False, dtype, parallel)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
