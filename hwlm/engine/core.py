@@ -32,6 +32,7 @@ from hwlm.engine.messages import (
     RequestError,
     StepOutputs,
 )
+from hwlm.engine.turn_trace import TurnTrace
 from hwlm.sampling_params import ParameterError, SamplingParams
 from hwlm.server.metrics import Histogram, ServingMetrics, finish_reason
 
@@ -53,6 +54,7 @@ class EngineCore:
         self._metrics = ServingMetrics()
         self._last_stats: EngineStats | None = None
         self._last_stats_time = 0.0
+        self._trace = TurnTrace.from_env()
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> EngineCore:
@@ -70,6 +72,21 @@ class EngineCore:
     def process(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         """Apply ``inputs``, then step if there is work; the messages to send, in order.
         Raises whatever a failed step raises (the engine is then unusable)."""
+        start = time.monotonic()
+        messages = self._process(inputs)
+        if self._trace is not None:
+            aborts = sum(len(m.request_ids) for m in inputs if isinstance(m, AbortRequests))
+            stats = self.engine.scheduler
+            self._trace.record(
+                start,
+                len(inputs) - sum(isinstance(m, AbortRequests) for m in inputs),
+                aborts,
+                len(stats.running),
+                len(stats.waiting),
+            )
+        return messages
+
+    def _process(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         messages = self._apply(inputs)
         if self.has_work():
             messages.extend(self._step())
