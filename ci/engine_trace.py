@@ -24,9 +24,11 @@ def periods(rows: list[tuple[float, float, int, int, int, int]]) -> list[list[tu
 
 def main(path: str) -> None:
     rows = []
+    applied_at: dict[float, float] = {}
     for line in open(path):
-        a, b, adds, aborts, running, waiting = line.split()
+        a, applied, b, adds, aborts, running, waiting = line.split()
         rows.append((float(a), float(b), int(adds), int(aborts), int(running), int(waiting)))
+        applied_at[float(a)] = float(applied)
     for k, turns in enumerate(periods(rows)):
         t0 = turns[0][0]
         adds = [(r[0] - t0, r[2]) for r in turns if r[2]]

@@ -73,28 +73,29 @@ class EngineCore:
         """Apply ``inputs``, then step if there is work; the messages to send, in order.
         Raises whatever a failed step raises (the engine is then unusable)."""
         start = time.monotonic()
-        messages = self._process(inputs)
+        messages = self._apply(inputs)
+        applied = time.monotonic()
+        messages.extend(self._step_or_stats())
         if self._trace is not None:
             aborts = sum(len(m.request_ids) for m in inputs if isinstance(m, AbortRequests))
-            stats = self.engine.scheduler
+            scheduler = self.engine.scheduler
             self._trace.record(
                 start,
+                applied,
                 len(inputs) - sum(isinstance(m, AbortRequests) for m in inputs),
                 aborts,
-                len(stats.running),
-                len(stats.waiting),
+                len(scheduler.running),
+                len(scheduler.waiting),
             )
         return messages
 
-    def _process(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
-        messages = self._apply(inputs)
+    def _step_or_stats(self) -> list[EngineOutput]:
         if self.has_work():
-            messages.extend(self._step())
-        else:
-            stats = self.stats()
-            if stats != self._last_stats:  # just went idle, or aborts changed the counters
-                messages.append(self._sent_stats(stats))
-        return messages
+            return self._step()
+        stats = self.stats()
+        if stats != self._last_stats:  # just went idle, or aborts changed the counters
+            return [self._sent_stats(stats)]
+        return []
 
     def _apply(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         accepted: list[str] = []

@@ -1,8 +1,9 @@
 """An opt-in record of the engine core's turns, for finding where a serving run's time goes:
 with ``HWLM_ENGINE_TRACE=PATH`` every turn appends one line to PATH (``ci/s1.sh`` reads it).
 
-A line is ``start end adds aborts running waiting``: the turn's monotonic start and end
-(seconds), the requests it added and aborted, and the sequences running and waiting after it.
+A line is ``start applied end adds aborts running waiting``: the turn's monotonic start, the
+time its inputs were applied and its end (seconds), the requests it added and aborted, and the
+sequences running and waiting after it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class TurnTrace:
         path = os.environ.get(TRACE_ENV)
         return cls(path) if path else None
 
-    def record(self, start: float, adds: int, aborts: int, running: int, waiting: int) -> None:
+    def record(
+        self, start: float, applied: float, adds: int, aborts: int, running: int, waiting: int
+    ) -> None:
         end = time.monotonic()
-        self._file.write(f"{start:.6f} {end:.6f} {adds} {aborts} {running} {waiting}\n")
+        line = f"{start:.6f} {applied:.6f} {end:.6f} {adds} {aborts} {running} {waiting}\n"
+        self._file.write(line)
