@@ -15,7 +15,7 @@ import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, DecodeRunner, ProbeResult
-from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_upload
+from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_buffer, pinned_upload
 
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
@@ -211,3 +211,6 @@ class CUDABackend(Backend):
 
     def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
         return PinnedHostCopy(tensors, self.device)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return pinned_buffer(shape, dtype)

@@ -22,7 +22,8 @@ A backend is a class (one instance per device) with a handful of members:
   eager execution (the cuda backend's CUDA graphs), or None.
 - Device policy, optional, answered differently by devices that run asynchronously to the host
   (the defaults are the CPU's): ``overlap_steps``, ``profile_memory_with_warm_up``,
-  ``default_max_num_batched_tokens(offline)``, ``upload(host)`` and ``start_host_copy(tensors)``.
+  ``default_max_num_batched_tokens(offline)``, ``upload(host)``, ``start_host_copy(tensors)`` and
+  ``host_buffer(shape, dtype)``.
 
 A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
 hwlm refuses one built for another version.
@@ -40,8 +41,8 @@ from hwlm.engine.transfer import CopyAtWait, HostCopy
 
 if TYPE_CHECKING:
     from hwlm.attention import AttentionMetadata
-    from hwlm.models.quantized_weight import PrequantizedWeight
     from hwlm.config import EngineConfig, ModelConfig
+    from hwlm.models.quantized_weight import PrequantizedWeight
 
 INTERFACE_VERSION = 1
 
@@ -271,3 +272,8 @@ class Backend(ABC):
         (``hwlm.engine.transfer.CopyAtWait``; CPU tensors need no copy); GPUs start the copy at
         once into pinned buffers and record an event (``PinnedHostCopy``)."""
         return CopyAtWait(tensors)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor for values the host builds and then ``upload``s (the
+        grammars' masks): GPUs give pinned memory, which ``upload`` sends without a copy."""
+        return torch.empty(shape, dtype=dtype)
