@@ -166,16 +166,16 @@ class EngineCore:
         """Every running request's output-token count after this step (streamed or not), then
         the requests that finished in it."""
         now = time.monotonic()
-        counts: dict[str, list[int]] = {}  # request id -> [output tokens, prompt tokens]
+        counts: dict[str, tuple[int, int]] = {}  # request id -> (output tokens, prompt tokens)
         for seq in self.engine.scheduler.running:
-            entry = counts.setdefault(seq.request_id, [0, seq.num_prompt_tokens])
-            entry[0] += seq.num_output_tokens
+            entry = counts.get(seq.request_id)
+            num_output = seq.num_output_tokens + (entry[0] if entry is not None else 0)
+            counts[seq.request_id] = (num_output, seq.num_prompt_tokens)
         finished = [u for u in updates if u.finished]
         for update in finished:
             num_output = sum(seq.num_output_tokens for seq in update.samples)
-            counts[update.request_id] = [num_output, update.first.num_prompt_tokens]
-        for request_id, (num_output, num_prompt) in counts.items():
-            self._metrics.on_tokens(request_id, num_output, num_prompt, now)
+            counts[update.request_id] = (num_output, update.first.num_prompt_tokens)
+        self._metrics.on_step(counts, now)
         for update in finished:
             reason = finish_reason([seq.finish_reason for seq in update.samples])
             self._metrics.on_finished(update.request_id, reason, now)
