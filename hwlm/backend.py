@@ -273,6 +273,14 @@ class Backend(ABC):
         once into pinned buffers and record an event (``PinnedHostCopy``)."""
         return CopyAtWait(tensors)
 
+    def eager_token_buckets(self, max_num_tokens: int) -> tuple[int, ...]:
+        """The row counts an eager step (one not replayed from a captured graph) is padded up
+        to, ascending and ending with ``max_num_tokens``; empty: no padding. GPUs pad: their
+        GEMM libraries pick, and may load, a kernel for every new row count (0.15 to 3 ms per
+        new count and weight shape on an H200), which a server whose step sizes never repeat
+        would pay every step; the engine warms every bucket at start-up instead."""
+        return ()
+
     def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised host tensor for values the host builds and then ``upload``s (the
         grammars' masks): GPUs give pinned memory, which ``upload`` sends without a copy."""
