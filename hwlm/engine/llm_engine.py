@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +99,6 @@ class LLMEngine:
         # Updates of the step in flight when the next step's sampler finished it early (its
         # grammars' masks need its tokens: ``_finish_before_masks``).
         self._early_updates: list[RequestUpdate] = []
-        # Starts the next step's mask fill once the grammars have advanced (see
-        # ``_finish_before_masks``); None outside that window.
-        self._start_masks: Callable[[], None] | None = None
         freeze_startup_heap()  # full collections would walk the model's objects mid-serving
 
     # Set-up -----------------------------------------------------------------------------------
@@ -315,16 +311,11 @@ class LLMEngine:
             seq.pending_row = row
         return _LaunchedStep(batch.seqs, sampled)
 
-    def _finish_before_masks(self, start_masks: Callable[[], None]) -> None:
+    def _finish_before_masks(self) -> None:
         """Finish the step in flight once this step's forward is queued, before its grammars'
         masks are filled (vLLM's way with async scheduling): the host reads the tokens back,
-        advances the grammars and fills the masks while the device runs the forward. The fill
-        starts (``start_masks``) as soon as the grammars have advanced (``_append_tokens``)."""
-        self._start_masks = start_masks
-        try:
-            self._early_updates.extend(self._drain())
-        finally:
-            self._start_masks = None
+        advances the grammars and fills the masks while the device runs the forward."""
+        self._early_updates.extend(self._drain())
 
     def _drain(self) -> list[RequestUpdate]:
         """Finish the step in flight, if any."""
@@ -404,36 +395,17 @@ class LLMEngine:
         return parents
 
     def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
-        """Append each sequence's token and apply the stops; returns the requests that finished.
-
-        The grammars go first, all together: the next step's masks depend on them, and (with
-        overlapped steps, ``_finish_before_masks``) they fill on a host thread while the rest
-        of this step's bookkeeping runs; no matcher is touched again before that fill ends."""
-        live = [
-            (i, seq)
-            for i, seq in enumerate(seqs)
-            if seq.request_id in self._requests and not seq.is_finished
-        ]  # not failed earlier in this step, aborted, or stopped by the step before
-        constrained = [(i, seq) for i, seq in live if seq.grammar is not None]
-        for i, seq in constrained:
-            seq.token_ids.append(out.token_ids[i])
-        rejected = self._advance_grammars([seq for _, seq in constrained])
-        start_masks, self._start_masks = self._start_masks, None
-        if start_masks is not None:
-            start_masks()
+        """Append each sequence's token, advance the step's grammars together, then apply the
+        stops; returns the requests that finished."""
         appended: list[tuple[Sequence, bool]] = []  # (sequence, stopped)
-        try:
-            for i, seq in live:
-                if seq.request_id not in self._requests:
-                    continue  # another sequence of its request failed
-                try:
-                    stopped = self._append_token(seq, i, out, seq.grammar is not None)
-                    appended.append((seq, stopped))
-                except Exception as exc:
-                    self._fail_or_raise(seq, exc)
-        finally:
-            if start_masks is not None:
-                self.runner.sampler.masks.wait()
+        for i, seq in enumerate(seqs):
+            if seq.request_id not in self._requests or seq.is_finished:
+                continue  # failed earlier in this step, aborted, or stopped by the step before
+            try:
+                appended.append((seq, self._append_token(seq, i, out)))
+            except Exception as exc:
+                self._fail_or_raise(seq, exc)
+        rejected = self._advance_grammars([seq for seq, _ in appended if seq.grammar is not None])
         finished: list[str] = []
         for seq, stopped in appended:
             if seq.request_id not in self._requests:
@@ -463,15 +435,11 @@ class LLMEngine:
         self.runner.sampler.masks.stats.add_advance(seconds)
         return {seqs[k].seq_id: error for k, error in errors.items()}
 
-    def _append_token(
-        self, seq: Sequence, i: int, out: SamplerOutput, token_appended: bool = False
-    ) -> bool:
-        """Add the token sampled for ``seq`` (row ``i`` of ``out``; already in its token ids
-        with ``token_appended``); True if it stops ``seq`` (its grammar, advanced before for the
-        whole step, may stop it too: ``_grammar_stops``)."""
+    def _append_token(self, seq: Sequence, i: int, out: SamplerOutput) -> bool:
+        """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``
+        (its grammar, advanced later for the whole step, may stop it too: ``_grammar_stops``)."""
         token = out.token_ids[i]
-        if not token_appended:
-            seq.token_ids.append(token)
+        seq.token_ids.append(token)
         new_text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         seq.cumulative_logprob += out.logprobs[i]
         top = out.top_logprobs[i]

@@ -101,10 +101,8 @@ class Sampler:
         self.masks = BitmaskFiller(transfers)
         # Called once before a grammar's masks are filled, after the forward is queued: the
         # engine finishes the step in flight there (its tokens advance the grammars), so that
-        # reading those tokens back overlaps this step's forward (overlapped steps). It gets a
-        # callable that starts filling this step's masks: the engine calls it once the grammars
-        # have advanced, and finishes the step's bookkeeping while the masks fill.
-        self.before_masks: Callable[[Callable[[], None]], None] | None = None
+        # reading those tokens back overlaps this step's forward (overlapped steps).
+        self.before_masks: Callable[[], None] | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_output()
@@ -119,19 +117,14 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         if self.before_masks is not None and any(s.grammar is not None for s in seqs):
             hook, self.before_masks = self.before_masks, None
-            logits, rows = _expand_forks(logits, seqs)
-            hook(lambda: self.masks.start(rows))
-            return self._sample_rows(logits, rows)
+            hook()
         if all(s.argmax_only and not s.pending_forks for s in seqs):
             tokens, token_logprobs = self._greedy(logits)
             return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
-        return self._sample_rows(*_expand_forks(logits, seqs))
-
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
-        """The general path, one row per sequence (forks already expanded)."""
+        logits, seqs = _expand_forks(logits, seqs)
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
-        grammar = self.masks.fill(seqs)  # on the host, while the device computes the logits
+        grammar = self.masks.fill(seqs)  # on the host, while the device computes the above
         logits = process_logits(logits, seqs, grammar)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):

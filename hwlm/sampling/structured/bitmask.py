@@ -11,7 +11,6 @@ after the forward is queued, and it fills the mask before queueing anything that
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,31 +64,9 @@ class BitmaskFiller:
     def __init__(self, transfers: Transfers | None = None) -> None:
         self.stats = MaskStats()
         self._transfers = transfers
-        self._thread: ThreadPoolExecutor | None = None
-        self._started: tuple[list[Sequence], Future[StepBitmask | None]] | None = None
-
-    def start(self, seqs: list[Sequence]) -> None:
-        """Begin filling ``seqs``' masks on a host thread; ``wait`` (or ``fill`` with the same
-        list) finishes. The caller must not use the rows' matchers until then."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="hwlm-masks")
-        self._started = (seqs, self._thread.submit(self._fill_now, seqs))
-
-    def wait(self) -> None:
-        """Let a started fill finish (its result stays for ``fill``)."""
-        if self._started is not None:
-            self._started[1].result()
 
     def fill(self, seqs: list[Sequence]) -> StepBitmask | None:
         """The masks of ``seqs``' constrained rows; None when no row is constrained."""
-        started, self._started = self._started, None
-        if started is not None and started[0] is seqs:
-            return started[1].result()
-        if started is not None:  # started for another batch: let it end before reusing rows
-            started[1].result()
-        return self._fill_now(seqs)
-
-    def _fill_now(self, seqs: list[Sequence]) -> StepBitmask | None:
         # A sequence that the step before finished (overlapped steps) samples a token nobody
         # keeps: its grammar may be complete or failed, so its row stays free.
         rows = [i for i, s in enumerate(seqs) if _constrains(s)]
