@@ -15,7 +15,7 @@ import torch
 
 from hwlm.attention import AttentionMetadata
 from hwlm.backend import Backend, DecodeRunner, ProbeResult, QuantizedLinear
-from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_upload
+from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_buffer, pinned_upload
 
 if TYPE_CHECKING:
     from hwlm.config import EngineConfig, ModelConfig
@@ -258,3 +258,20 @@ class CUDABackend(Backend):
 
     def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
         return PinnedHostCopy(tensors, self.device)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return pinned_buffer(shape, dtype)
+
+    def eager_token_buckets(self, max_num_tokens: int) -> tuple[int, ...]:
+        return token_buckets(max_num_tokens)
+
+
+def token_buckets(max_num_tokens: int) -> tuple[int, ...]:
+    """Multiples of 16 up to 256, of 64 up to 1024, of 256 up to 4096, then of 1024: a padded
+    step computes at most 15 rows or 1/16 more than it needs, over about 50 sizes in all up to
+    16,384 tokens."""
+    sizes: list[int] = []
+    for step, limit in ((16, 256), (64, 1024), (256, 4096), (1024, max_num_tokens)):
+        start = sizes[-1] + step if sizes else step
+        sizes.extend(range(start, min(limit, max_num_tokens - 1) + 1, step))
+    return (*[n for n in sizes if n < max_num_tokens], max_num_tokens)

@@ -66,3 +66,6 @@ class TritonInterpreterBackend(CUDABackend):
 
     def start_host_copy(self, tensors: list[torch.Tensor]) -> HostCopy:
         return Backend.start_host_copy(self, tensors)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return Backend.host_buffer(self, shape, dtype)

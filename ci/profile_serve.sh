@@ -55,30 +55,5 @@ done
 wait "$bench"
 grep -E "output_throughput|median_itl|median_ttft" "$OUT/hwlm-profile-bench.log" || true
 for entry in "${pids[@]}"; do
-    python3 - "$OUT/prof-${entry%%:*}.txt" "${entry%%:*}" <<'PY'
-import collections, sys
-path, name = sys.argv[1], sys.argv[2]
-# A leaf in one of these is a wait (uvloop's own loop is C: its waits show as Runner.run).
-idle = {"poll", "select", "epoll", "wait", "run", "run_until_complete", "_run_once", "acquire",
-        "sleep", "recv"}
-self_t, incl, total, busy = collections.Counter(), collections.Counter(), 0, 0
-for line in open(path):
-    stack, _, count = line.rstrip().rpartition(" ")
-    frames, n = stack.split(";"), int(count)
-    total += n
-    leaf = frames[-1]
-    if leaf.split(" (")[0].split(".")[-1] in idle:
-        continue
-    busy += n
-    self_t[leaf] += n
-    for frame in set(frames[1:]):
-        incl[frame] += n
-print(f"== {name}: {total} samples, {busy / max(total, 1):.0%} busy (not waiting)")
-print("   self:")
-for frame, n in self_t.most_common(15):
-    print(f"   {n / total:6.1%}  {frame[:150]}")
-print("   inclusive:")
-for frame, n in incl.most_common(40):
-    print(f"   {n / total:6.1%}  {frame[:150]}")
-PY
+    python3 ci/prof_summary.py "$OUT/prof-${entry%%:*}.txt" "${entry%%:*}"
 done

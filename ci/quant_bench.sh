@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# CPU quantization speed: C1 (`hwlm bench throughput --workload c1`, 32 prompts, 64 output tokens)
+# CPU quantization speed: C1 (as `hwlm bench throughput --workload c1`: 32 prompts, 64 output tokens)
 # and single-stream decode (1 prompt of 32 tokens, 128 output tokens), each with float32, int8
 # and int4 weights, alternating, ROUNDS times (default 2); then the median of each. The
 # quantized graphs are cached (HWLM_QUANT_CACHE), so only the first round quantizes; loading is
 # not timed either way. HWLM overrides the command (e.g. "python3 -m hwlm.cli" in a checkout),
-# OUT the folder for the JSON results.
+# OUT the folder for the JSON results, MODEL the C1-shaped model (default: the c1-llama preset
+# with random weights). PEER=1 adds llama.cpp's side to every round, alternating with hwlm's
+# (../shared/peers/llamacpp/run.sh after its setup: `single`, and `serve-bench` at f32 and
+# Q4_0, the C1 batch end to end through llama-server).
 set -euo pipefail
 ROUNDS=${ROUNDS:-2}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 read -r -a hwlm <<<"${HWLM:-hwlm}"
-single=(--model c1-llama --num-prompts 1 --input-len-min 32 --input-len-max 32 --output-len 128)
+MODEL=${MODEL:-c1-llama}
+PEER_RUN=$(cd "$(dirname "$0")/.." && pwd)/../shared/peers/llamacpp/run.sh
+c1=(--model "$MODEL" --num-prompts 32 --input-len-min 32 --input-len-max 256 --output-len 64)
+single=(--model "$MODEL" --num-prompts 1 --input-len-min 32 --input-len-max 32 --output-len 128)
 for round in $(seq "$ROUNDS"); do
     for q in float32 int8 int4; do
         flags=()
         [ "$q" = float32 ] || flags=(--quantization "$q")
-        "${hwlm[@]}" bench throughput --workload c1 "${flags[@]}" \
+        "${hwlm[@]}" bench throughput "${c1[@]}" "${flags[@]}" \
             --output-json "$OUT/c1-$q-$round.json" >"$OUT/c1-$q-$round.log" 2>&1
         "${hwlm[@]}" bench throughput "${single[@]}" "${flags[@]}" \
             --output-json "$OUT/single-$q-$round.json" >"$OUT/single-$q-$round.log" 2>&1
         echo "round $round $q done" >&2
     done
+    if [[ -n ${PEER:-} ]]; then
+        bash "$PEER_RUN" single >"$OUT/peer-single-$round.log" 2>&1 || echo "peer single failed" >&2
+        for p in f32 Q4_0; do
+            bash "$PEER_RUN" serve-bench "$p" >"$OUT/peer-c1-$p-$round.log" 2>&1 ||
+                echo "peer serve-bench $p failed" >&2
+        done
+        echo "round $round llama.cpp done" >&2
+    fi
 done
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
@@ -41,5 +55,8 @@ for work in ("c1", "single"):
         base = base or med
         listed = " ".join(f"{r:.1f}" for r in runs)
         print(f"{work:10} {q:8} {med:13.1f} {med / base:10.2f}  {listed}")
+for log in sorted(out.glob("peer-*.log")):
+    lines = [line.strip() for line in log.read_text().splitlines() if "tok/s" in line or "wall" in line]
+    print(f"{log.stem}: " + " | ".join(lines[-3:]))
 print(f"results and logs: {out}")
 PY

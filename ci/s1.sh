@@ -13,6 +13,8 @@ DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-/tmp}
 read -r -a hwlm <<<"${HWLM:-hwlm}"
 read -r -a serve_flags <<<"${SERVE_FLAGS:-}"
+# TRACE=1: the engine core records its turns (hwlm/engine/turn_trace.py), summarised at the end.
+[[ -n ${TRACE:-} ]] && export HWLM_ENGINE_TRACE="$OUT/s1-engine-trace.txt" && rm -f "$HWLM_ENGINE_TRACE"
 "${hwlm[@]}" serve "$MODEL" "${serve_flags[@]}" --load-format dummy --device "$DEVICE" --max-model-len 1024 \
     --port "$PORT" >"$OUT/hwlm-s1-server.log" 2>&1 &
 server=$!
@@ -32,8 +34,16 @@ echo "== Poisson arrivals, ${RATE:-2} req/s"
 "${hwlm[@]}" bench serve "${common[@]}" --request-rate "${RATE:-2}"
 # Other prompts than the first run's (seed 1), or the prefix cache would serve their prefill.
 echo "== saturation: all 200 at once"
+# PROFILE=1: py-spy samples the engine core (hwlm::engine) through the saturated run.
+if [[ -n ${PROFILE:-} ]]; then
+    py-spy record --idle --nonblocking --rate 1000 --duration 12 --format raw \
+        --output "$OUT/prof-s1-engine.txt" --pid "$(pgrep -f 'hwlm::engine' | head -1)" >/dev/null 2>&1 &
+    spy=$!
+fi
 "${hwlm[@]}" bench serve "${common[@]}" --seed 1 --measure-ceiling \
     --result-filename "$OUT/s1-serve.json"
+[[ -n ${TRACE:-} ]] && python3 ci/engine_trace.py "$HWLM_ENGINE_TRACE" | tail -n 12
+[[ -n ${PROFILE:-} ]] && wait "$spy" && python3 ci/prof_summary.py "$OUT/prof-s1-engine.txt" engine
 echo "== offline, the saturation run's prompts"
 python3 ci/s1_offline.py --model "$MODEL" --device "$DEVICE" --num-prompts 200 --input-len 64 \
     --output-len 64 --seed 1 --output-json "$OUT/s1-offline.json"

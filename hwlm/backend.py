@@ -25,7 +25,8 @@ A backend is a class (one instance per device) with a handful of members:
   eager execution (the cuda backend's CUDA graphs), or None.
 - Device policy, optional, answered differently by devices that run asynchronously to the host
   (the defaults are the CPU's): ``overlap_steps``, ``profile_memory_with_warm_up``,
-  ``default_max_num_batched_tokens(offline)``, ``upload(host)`` and ``start_host_copy(tensors)``.
+  ``default_max_num_batched_tokens(offline)``, ``upload(host)``, ``start_host_copy(tensors)`` and
+  ``host_buffer(shape, dtype)``.
 
 A plugin backend sets ``interface_version`` to the ``INTERFACE_VERSION`` it was written for;
 hwlm refuses one built for another version.
@@ -297,3 +298,16 @@ class Backend(ABC):
         (``hwlm.engine.transfer.CopyAtWait``; CPU tensors need no copy); GPUs start the copy at
         once into pinned buffers and record an event (``PinnedHostCopy``)."""
         return CopyAtWait(tensors)
+
+    def eager_token_buckets(self, max_num_tokens: int) -> tuple[int, ...]:
+        """The row counts an eager step (one not replayed from a captured graph) is padded up
+        to, ascending and ending with ``max_num_tokens``; empty: no padding. GPUs pad: their
+        GEMM libraries pick, and may load, a kernel for every new row count (0.15 to 3 ms per
+        new count and weight shape on an H200), which a server whose step sizes never repeat
+        would pay every step; the engine warms every bucket at start-up instead."""
+        return ()
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor for values the host builds and then ``upload``s (the
+        grammars' masks): GPUs give pinned memory, which ``upload`` sends without a copy."""
+        return torch.empty(shape, dtype=dtype)

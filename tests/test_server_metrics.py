@@ -42,6 +42,32 @@ def test_request_timings() -> None:
     assert snap.finished == {"length": 1, "abort": 1}
 
 
+def test_a_step_of_many_requests_counts_each_interval() -> None:
+    """``on_step`` shares one observation between requests whose last token came together,
+    and must count exactly what one ``on_tokens`` per request counts."""
+    one_by_one, batched = ServingMetrics(), ServingMetrics()
+    for m in (one_by_one, batched):
+        for r in "abc":
+            m.on_added(r, arrival=0.0)
+    steps = [
+        (0.25, {"a": (1, 3), "b": (1, 4)}),
+        (0.5, {"a": (2, 3), "b": (2, 4), "c": (1, 5)}),
+        (2.5, {"a": (4, 3), "b": (2, 4), "c": (2, 5)}),
+    ]
+    for now, counts in steps:
+        batched.on_step(counts, now)
+        for request_id, (num_output, num_prompt) in counts.items():
+            one_by_one.on_tokens(request_id, num_output, num_prompt, now)
+    a, b = one_by_one.snapshot(), batched.snapshot()
+    assert (b.prompt_tokens, b.generation_tokens) == (12, 8)
+    assert (a.prompt_tokens, a.generation_tokens) == (b.prompt_tokens, b.generation_tokens)
+    for name in ("ttft", "itl"):
+        ha, hb = getattr(a, name), getattr(b, name)
+        assert (ha.counts, ha.count) == (hb.counts, hb.count)
+        assert ha.sum == pytest.approx(hb.sum)
+    assert b.itl.count == 4 and b.itl.sum == pytest.approx(2 * 0.25 + 2 * 2.0)
+
+
 def test_render_is_valid_prometheus_text() -> None:
     m = ServingMetrics()
     m.on_added("a", 0.0)

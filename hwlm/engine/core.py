@@ -32,6 +32,7 @@ from hwlm.engine.messages import (
     RequestError,
     StepOutputs,
 )
+from hwlm.engine.turn_trace import TurnTrace
 from hwlm.sampling_params import ParameterError, SamplingParams
 from hwlm.server.metrics import Histogram, ServingMetrics, finish_reason
 
@@ -53,6 +54,7 @@ class EngineCore:
         self._metrics = ServingMetrics()
         self._last_stats: EngineStats | None = None
         self._last_stats_time = 0.0
+        self._trace = TurnTrace.from_env()
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> EngineCore:
@@ -70,14 +72,30 @@ class EngineCore:
     def process(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         """Apply ``inputs``, then step if there is work; the messages to send, in order.
         Raises whatever a failed step raises (the engine is then unusable)."""
+        start = time.monotonic()
         messages = self._apply(inputs)
-        if self.has_work():
-            messages.extend(self._step())
-        else:
-            stats = self.stats()
-            if stats != self._last_stats:  # just went idle, or aborts changed the counters
-                messages.append(self._sent_stats(stats))
+        applied = time.monotonic()
+        messages.extend(self._step_or_stats())
+        if self._trace is not None:
+            aborts = sum(len(m.request_ids) for m in inputs if isinstance(m, AbortRequests))
+            scheduler = self.engine.scheduler
+            self._trace.record(
+                start,
+                applied,
+                len(inputs) - sum(isinstance(m, AbortRequests) for m in inputs),
+                aborts,
+                len(scheduler.running),
+                len(scheduler.waiting),
+            )
         return messages
+
+    def _step_or_stats(self) -> list[EngineOutput]:
+        if self.has_work():
+            return self._step()
+        stats = self.stats()
+        if stats != self._last_stats:  # just went idle, or aborts changed the counters
+            return [self._sent_stats(stats)]
+        return []
 
     def _apply(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         accepted: list[str] = []
@@ -148,16 +166,16 @@ class EngineCore:
         """Every running request's output-token count after this step (streamed or not), then
         the requests that finished in it."""
         now = time.monotonic()
-        counts: dict[str, list[int]] = {}  # request id -> [output tokens, prompt tokens]
+        counts: dict[str, tuple[int, int]] = {}  # request id -> (output tokens, prompt tokens)
         for seq in self.engine.scheduler.running:
-            entry = counts.setdefault(seq.request_id, [0, seq.num_prompt_tokens])
-            entry[0] += seq.num_output_tokens
+            entry = counts.get(seq.request_id)
+            num_output = seq.num_output_tokens + (entry[0] if entry is not None else 0)
+            counts[seq.request_id] = (num_output, seq.num_prompt_tokens)
         finished = [u for u in updates if u.finished]
         for update in finished:
             num_output = sum(seq.num_output_tokens for seq in update.samples)
-            counts[update.request_id] = [num_output, update.first.num_prompt_tokens]
-        for request_id, (num_output, num_prompt) in counts.items():
-            self._metrics.on_tokens(request_id, num_output, num_prompt, now)
+            counts[update.request_id] = (num_output, update.first.num_prompt_tokens)
+        self._metrics.on_step(counts, now)
         for update in finished:
             reason = finish_reason([seq.finish_reason for seq in update.samples])
             self._metrics.on_finished(update.request_id, reason, now)

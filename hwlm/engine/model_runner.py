@@ -6,6 +6,7 @@ builds the flattened inputs and the step's AttentionMetadata, which it passes do
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from hwlm.config import EngineConfig
 from hwlm.engine.scheduler import ScheduledBatch
 from hwlm.engine.sequence import Sequence
 from hwlm.models import CausalLM
+from hwlm.models.layers import Linear
 from hwlm.sampling.prompt_logprobs import record_prompt_logprobs
 from hwlm.sampling.sampler import SampledBatch, Sampler
 from hwlm.sampling_params import SamplingParams
@@ -64,6 +66,8 @@ class ModelRunner:
         self.sampler = Sampler(backend.greedy_sample, backend)
         self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
         self.decode_runner: DecodeRunner | None = None
+        # Eager steps' row counts are padded up to these (``Backend.eager_token_buckets``).
+        self.token_buckets = backend.eager_token_buckets(config.max_num_batched_tokens)
         backend.prepare_model(model)
 
     def attach_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
@@ -92,6 +96,7 @@ class ModelRunner:
             if not inputs.sample_seqs:
                 return None
             logits = self.compute_logits(hidden[inputs.sample_rows])
+            logits = logits[: len(inputs.sample_seqs)]  # without the padding rows
             sampled = self.sampler.sample(logits, inputs.sample_seqs)
         self._last_sampled = sampled.token_ids
         return sampled
@@ -112,7 +117,30 @@ class ModelRunner:
         with torch.random.fork_rng(rng_devices, device_type=device.type):
             for q_lens in (first, [1]):
                 self._dummy_step(kv_caches, q_lens)
+        self._warm_up_buckets()
         self.backend.synchronize()
+
+    def _warm_up_buckets(self) -> None:
+        """Each dense layer shape (and the LM head) once at every bucket's row count, so that
+        the device's GEMM library has chosen and loaded its kernels before requests come."""
+        if not self.token_buckets or self.executor is not None:
+            # Tensor-parallel layers run collectives that every rank must join: those warm
+            # on their first steps instead.
+            return
+        layers: dict[tuple[int, int, bool, bool], torch.nn.Module] = {}
+        for module in self.model.modules():
+            if isinstance(module, Linear) and module is not self.model.lm_head:
+                key = _linear_shape(module)
+                layers.setdefault(key, module)
+        hidden = self.model.config.hidden_size
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        device = self.backend.device
+        with torch.inference_mode():
+            for n in self.token_buckets:
+                for (in_features, _, _, _), layer in layers.items():
+                    layer(torch.zeros(n, in_features, dtype=dtype, device=device))
+                if n <= self.config.max_num_seqs or n == self._bucket(self.config.max_num_seqs):
+                    self.model.compute_logits(torch.zeros(n, hidden, dtype=dtype, device=device))
 
     def _largest_step(self) -> list[int]:
         """Query lengths of the largest step the scheduler allows."""
@@ -162,12 +190,21 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         metadata = inputs.metadata
-        runner = self.decode_runner
-        if runner is not None and metadata.max_query_len == 1 and runner.fits(metadata.num_seqs):
-            return runner.run(inputs.input_ids, inputs.positions, metadata)
+        if self._replays_graph(metadata.max_query_len, metadata.num_seqs):
+            assert self.decode_runner is not None
+            return self.decode_runner.run(inputs.input_ids, inputs.positions, metadata)
         ctx = ForwardContext(self.backend, self.kv_caches, metadata)
         hidden: torch.Tensor = self.model(inputs.input_ids, inputs.positions, ctx)
         return hidden
+
+    def _replays_graph(self, max_query_len: int, num_seqs: int) -> bool:
+        runner = self.decode_runner
+        return runner is not None and max_query_len == 1 and runner.fits(num_seqs)
+
+    def _bucket(self, n: int) -> int:
+        """``n`` rows padded up to the next bucket (``n`` itself without buckets)."""
+        buckets = self.token_buckets
+        return buckets[bisect.bisect_left(buckets, n)] if buckets and n <= buckets[-1] else n
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's flattened inputs and AttentionMetadata, built with whole-array numpy ops
@@ -191,6 +228,10 @@ class ModelRunner:
         sample_seqs = [s for s, last in zip(seqs, sampling.tolist(), strict=True) if last]
         pending = [i for i, s in enumerate(seqs) if s.num_pending_tokens]
         pending_src = np.fromiter((seqs[i].pending_row for i in pending), np.int64, len(pending))
+        if not self._replays_graph(max_query_len, len(seqs)):
+            input_ids, positions, slots, sample_rows = self._padded(
+                input_ids, positions, slots, sample_rows
+            )
         ids, pos, slot_mapping, rows, dst, src = self._upload(
             [input_ids, positions, slots, sample_rows, query_start[1:][pending] - 1, pending_src],
             torch.int64,
@@ -209,6 +250,22 @@ class ModelRunner:
         )
         return StepInputs(ids, pos, metadata, rows, sample_seqs)
 
+    def _padded(
+        self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """An eager step's inputs padded to its bucket: extra tokens (id 0 at position 0, slot
+        -1: no KV written) that no sequence's attention reads, and extra sample rows repeating
+        the first one, whose logits ``launch`` drops."""
+        extra = self._bucket(ids.size) - ids.size
+        if extra:
+            ids = np.concatenate([ids, np.zeros(extra, ids.dtype)])
+            positions = np.concatenate([positions, np.zeros(extra, positions.dtype)])
+            slots = np.concatenate([slots, np.full(extra, -1, slots.dtype)])
+        extra_rows = self._bucket(rows.size) - rows.size if rows.size else 0
+        if extra_rows:
+            rows = np.concatenate([rows, np.full(extra_rows, rows[0], rows.dtype)])
+        return ids, positions, slots, rows
+
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """``arrays`` as 1-D tensors of ``dtype`` on the device, through one host buffer.
 
@@ -223,6 +280,13 @@ class ModelRunner:
             flat[start : start + a.size] = a.ravel()
         flat_on_device = self.backend.upload(torch.from_numpy(flat))
         return [flat_on_device[o : o + n] for o, n in zip(offsets.tolist(), sizes, strict=False)]
+
+
+def _linear_shape(layer: Linear) -> tuple[int, int, bool, bool]:
+    """What a GEMM library's kernel choice for ``layer`` depends on besides the row count."""
+    weight = layer.weight
+    in_features = int(weight.shape[1]) if weight.dim() == 2 else -1
+    return in_features, int(weight.shape[0]), layer.bias is not None, layer.kernel is not None
 
 
 def _input_ids(

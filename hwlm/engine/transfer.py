@@ -44,6 +44,10 @@ class Transfers(Protocol):
         """Start copying ``tensors`` to the host."""
         ...
 
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor that ``upload`` sends without copying it first."""
+        ...
+
 
 class CopyAtWait:
     """The portable ``HostCopy``: nothing happens before ``wait``, which copies synchronously
@@ -73,8 +77,16 @@ class PinnedHostCopy:
 
 
 def pinned_upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device`` through pinned memory: the copy is queued, the host does not wait."""
-    return host.pin_memory().to(device, non_blocking=True)
+    """``host`` on ``device`` through pinned memory: the copy is queued, the host does not wait.
+    A tensor already in pinned memory (``pinned_buffer``) is sent as it is."""
+    pinned = host if host.is_pinned() else host.pin_memory()
+    return pinned.to(device, non_blocking=True)
+
+
+def pinned_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in pinned host memory (from torch's caching host allocator, which
+    reuses a block only once the copies queued from it have run)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 _active: ContextVar[Transfers | None] = ContextVar("hwlm_transfers", default=None)
@@ -91,7 +103,7 @@ def using(transfers: Transfers) -> Iterator[None]:
 
 
 def to_device(
-    values: SequenceABC[Any] | np.ndarray, dtype: torch.dtype, device: torch.device
+    values: SequenceABC[Any] | np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``values`` (a list or array) as a 1-D or 2-D tensor on ``device``: through the active
     ``Transfers``' upload when it serves ``device``, else by a plain copy."""

@@ -97,7 +97,8 @@ class Sampler:
     ) -> None:
         self._greedy = greedy
         self._transfers = transfers
-        self.masks = BitmaskFiller()  # structured outputs; its ``stats`` time the host's work
+        # Structured outputs; its ``stats`` time the host's work.
+        self.masks = BitmaskFiller(transfers)
         # Called once before a grammar's masks are filled, after the forward is queued: the
         # engine finishes the step in flight there (its tokens advance the grammars), so that
         # reading those tokens back overlaps this step's forward (overlapped steps).
@@ -121,9 +122,9 @@ class Sampler:
             tokens, token_logprobs = self._greedy(logits)
             return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
         logits, seqs = _expand_forks(logits, seqs)
-        grammar = self.masks.fill(seqs)  # on the host, while the device computes the logits
         raw = logits = logits.float()  # process_logits and sample never modify their input
         log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
+        grammar = self.masks.fill(seqs)  # on the host, while the device computes the above
         logits = process_logits(logits, seqs, grammar)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):

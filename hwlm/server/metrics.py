@@ -41,10 +41,11 @@ class Histogram:
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        """Record ``value`` (``times`` observations of it)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+        self.count += times
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= it) per bucket, ending with (inf, count)."""
@@ -94,18 +95,29 @@ class ServingMetrics:
     ) -> None:
         """The request has produced ``num_output_tokens`` so far (a count that never shrinks
         is assumed; a smaller one is ignored)."""
+        self.on_step({request_id: (num_output_tokens, num_prompt_tokens)}, now)
+
+    def on_step(self, counts: dict[str, tuple[int, int]], now: float) -> None:
+        """``on_tokens`` for every request of a step at once: request id -> (output tokens so
+        far, prompt tokens). Requests whose last token came at the same time (every running
+        request, in steady decoding) share one inter-token observation."""
+        intervals: dict[float, int] = {}  # last token's time -> requests
         with self._lock:
-            live = self._live.get(request_id)
-            if live is None or num_output_tokens <= live.num_tokens:
-                return
-            totals = self._totals
-            if live.last_token is None:
-                totals.ttft.observe(now - live.arrival)
-                totals.prompt_tokens += num_prompt_tokens
-            else:
-                totals.itl.observe(now - live.last_token)
-            totals.generation_tokens += num_output_tokens - live.num_tokens
-            live.num_tokens, live.last_token = num_output_tokens, now
+            totals, live_requests = self._totals, self._live
+            for request_id, (num_output_tokens, num_prompt_tokens) in counts.items():
+                live = live_requests.get(request_id)
+                if live is None or num_output_tokens <= live.num_tokens:
+                    continue
+                last = live.last_token
+                if last is None:
+                    totals.ttft.observe(now - live.arrival)
+                    totals.prompt_tokens += num_prompt_tokens
+                else:
+                    intervals[last] = intervals.get(last, 0) + 1
+                totals.generation_tokens += num_output_tokens - live.num_tokens
+                live.num_tokens, live.last_token = num_output_tokens, now
+            for last, times in intervals.items():
+                totals.itl.observe(now - last, times)
 
     def on_finished(self, request_id: str, finish_reason: str | None, now: float) -> None:
         with self._lock:

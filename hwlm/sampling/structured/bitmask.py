@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hwlm.engine.transfer import to_device
+from hwlm.engine.transfer import Transfers, to_device
 from hwlm.sampling.structured.library import executor
 
 if TYPE_CHECKING:
@@ -58,26 +58,29 @@ class StepBitmask:
 
 
 class BitmaskFiller:
-    """Fills a batch's masks with the process's pool of host threads (``library.executor``)."""
+    """Fills a batch's masks with the process's pool of host threads (``library.executor``),
+    into host buffers the backend uploads without another copy (``Transfers.host_buffer``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, transfers: Transfers | None = None) -> None:
         self.stats = MaskStats()
+        self._transfers = transfers
 
     def fill(self, seqs: list[Sequence]) -> StepBitmask | None:
         """The masks of ``seqs``' constrained rows; None when no row is constrained."""
         # A sequence that the step before finished (overlapped steps) samples a token nobody
         # keeps: its grammar may be complete or failed, so its row stays free.
-        rows = [
-            i
-            for i, s in enumerate(seqs)
-            if s.grammar is not None and s.grammar.active and not s.is_finished
-        ]
+        rows = [i for i, s in enumerate(seqs) if _constrains(s)]
         if not rows:
             return None
         start = time.perf_counter()
         matchers = [seqs[i].grammar.matcher for i in rows]  # type: ignore[union-attr]
         n_vocab = seqs[rows[0]].grammar.vocab_size  # type: ignore[union-attr]
-        words = torch.empty(len(rows), (n_vocab + 31) // 32, dtype=torch.int32)
+        shape = (len(rows), (n_vocab + 31) // 32)
+        words = (
+            torch.empty(shape, dtype=torch.int32)
+            if self._transfers is None
+            else self._transfers.host_buffer(shape, torch.int32)
+        )
         pairs = [(m, k) for k, m in enumerate(matchers)]
         executor().unsafe_compute_mask_ptr(pairs, words.data_ptr(), words.shape[1] * 4, len(rows))
         stats = self.stats
@@ -87,6 +90,16 @@ class BitmaskFiller:
         return StepBitmask(rows, words)
 
 
+def _constrains(seq: Sequence) -> bool:
+    grammar = seq.grammar
+    return (
+        grammar is not None
+        and grammar.active
+        and not seq.is_finished
+        and not grammar.matcher.is_error()
+    )
+
+
 def apply_bitmask(logits: torch.Tensor, mask: StepBitmask) -> torch.Tensor:
     """A copy of ``logits`` [batch, vocab] with every token a row's mask forbids at -inf.
 
@@ -94,7 +107,7 @@ def apply_bitmask(logits: torch.Tensor, mask: StepBitmask) -> torch.Tensor:
     The words travel as bytes: on a little-endian host and device, bit ``b`` of byte ``k`` is
     token ``8 * k + b``, so one shift, one AND and one ``where`` do the whole batch."""
     device, vocab = logits.device, logits.shape[1]
-    words = to_device(mask.words.numpy(), torch.int32, device)
+    words = to_device(mask.words, torch.int32, device)
     num_rows = words.shape[0]
     shifts = torch.arange(8, dtype=torch.uint8, device=device)
     bits = (words.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
