@@ -1,6 +1,7 @@
 """``hwlm serve --tensor-parallel-size 2 --device cpu``: the engine process is rank 0 and starts
 one worker; requests are served, and a killed worker ends the in-flight stream with an error
-event, turns /health to 503 and leaves no process behind."""
+event, turns /health to 503 and leaves no process behind, also when it dies while the server is
+idle."""
 
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ def test_serves_then_a_killed_worker_ends_cleanly(tmp_path: Path) -> None:
         deadline = time.monotonic() + 15
         while alive(engine) or alive(worker):
             assert time.monotonic() < deadline, "the engine or the worker outlived the failure"
+            time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_a_worker_killed_while_idle_is_noticed_without_a_request(tmp_path: Path) -> None:
+    """No request in flight: the engine core's idle loop checks its workers, so /health turns
+    503 within a few seconds and no process is left."""
+    server = ServerProcess(ARGS, tmp_path / "server.log").start()
+    try:
+        assert server.proc is not None
+        (engine,) = engine_pids(server.proc.pid)
+        worker = children(engine)[WORKER_TITLE]
+        _wait_health(server.url, 200, within=10)
+        os.kill(worker, signal.SIGKILL)
+        _wait_health(server.url, 503, within=10)
+        deadline = time.monotonic() + 15
+        while alive(engine):
+            assert time.monotonic() < deadline, "the engine outlived its worker"
             time.sleep(0.1)
     finally:
         server.terminate()

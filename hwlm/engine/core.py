@@ -69,6 +69,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
 
+    def check_health(self) -> None:
+        """Raise if a part of the engine has died, as the next step would (a tensor-parallel
+        worker): the idle loop calls it, so that a failure is seen without a request."""
+        if self.engine.executor is not None:
+            self.engine.executor.check_alive()
+
     def process(self, inputs: list[AddRequest | AbortRequests]) -> list[EngineOutput]:
         """Apply ``inputs``, then step if there is work; the messages to send, in order.
         Raises whatever a failed step raises (the engine is then unusable)."""

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -45,7 +46,7 @@ from hwlm.engine.messages import (
 logger = logging.getLogger(__name__)
 
 PROCESS_TITLE = "hwlm::engine"
-IDLE_POLL_MS = 1000  # the longest an idle engine waits before checking on its parent
+IDLE_POLL_MS = 1000  # the longest an idle engine waits before checking its parent and health
 LINGER_MS = 2000  # how long the last messages may take to leave when the engine exits
 
 
@@ -130,7 +131,12 @@ class _CoreLoop:
         self._send([core.info])
         logger.info("engine core ready (pid %d)", os.getpid())
         while True:
-            inputs = self._receive(block=not core.has_work())
+            try:
+                inputs = self._receive(not core.has_work(), core.check_health)
+            except Exception as exc:  # a part of the engine died while it was idle
+                logger.error("the engine failed while idle: %s", exc)
+                self._send([EngineDead(f"the engine failed: {exc}")])
+                return 1
             if inputs is None:
                 return 0
             self._router.note_inputs(inputs)
@@ -142,8 +148,12 @@ class _CoreLoop:
                 return 1
             self._send(messages)
 
-    def _receive(self, block: bool) -> list[AddRequest | AbortRequests] | None:
-        """Every input waiting (after waiting for one, if ``block``); None: time to exit."""
+    def _receive(
+        self, block: bool, check_health: Callable[[], None]
+    ) -> list[AddRequest | AbortRequests] | None:
+        """Every input waiting (after waiting for one, if ``block``); None: time to exit. While
+        waiting, ``check_health`` runs every ``IDLE_POLL_MS`` (it raises if the engine has lost
+        a part of itself, such as a tensor-parallel worker)."""
         while True:
             events = dict(self._poller.poll(IDLE_POLL_MS if block else 0))
             if self._parent_gone(events):
@@ -152,6 +162,7 @@ class _CoreLoop:
                 return None
             if self._inputs in events or not block:
                 break
+            check_health()
         received: list[AddRequest | AbortRequests] = []
         while True:
             try:
