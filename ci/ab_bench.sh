@@ -17,6 +17,10 @@ for round in $(seq "${ROUNDS:-1}"); do
         for side in a b; do
             read -r -a args <<<"$bench_args"
             log="$OUT/ab-$k-$side-$round"
+            # The side's own editable install: its package maps hwlm.backends and hwlm.kernels
+            # onto its tree (a PYTHONPATH entry alone would mix the two trees).
+            python3 -m pip install -q --no-deps --no-build-isolation -e "/tmp/ab-$side" \
+                >"$log.install.log" 2>&1 || echo "install of $side failed"
             (cd "/tmp/ab-$side" && PYTHONPATH="/tmp/ab-$side${PYTHONPATH:+:$PYTHONPATH}" \
                 timeout "${LIMIT:-300}" python3 -m hwlm.cli bench throughput "${args[@]}" \
                 --output-json "$log.json" >"$log.log" 2>&1)
