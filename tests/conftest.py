@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from pathlib import Path
+
 import pytest
+
+
+def _import_installed_kernels_package() -> None:
+    """Import the installed ``kernels`` distribution (Hugging Face's hub kernels, which
+    transformers >= 5.25 requires and imports) before anything else can: the tests put the
+    repository's root on ``sys.path``, and hwlm's own ``kernels/`` folder there (installed as
+    ``hwlm.kernels``) would otherwise be found under that name and break transformers."""
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != root]
+    try:
+        with contextlib.suppress(ImportError):  # not installed: nothing to shadow
+            import kernels  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels_package()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
