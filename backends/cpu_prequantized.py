@@ -13,9 +13,6 @@ by a hash of the packed codes, scales, zero points and bias.
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import tempfile
 
 import numpy as np
 import torch
@@ -24,8 +21,6 @@ from hwlm.backend import DequantizedLinear, QuantizedLinear
 from hwlm.models.quantized_weight import GroupQuantizedWeight, PrequantizedWeight
 
 from .cpu_quant_pack import F32, U8, BlockQuantized
-
-logger = logging.getLogger(__name__)
 
 
 def prequantized_linear(weight: PrequantizedWeight, bias: torch.Tensor | None) -> QuantizedLinear:
@@ -73,25 +68,13 @@ def _pack_nibbles(values: U8) -> U8:
 
 def _cached(q: BlockQuantized, bias: F32 | None) -> str | bytes:
     """The serialized graph of ``q`` (path of its cache file, or the bytes with no cache)."""
-    from .cpu_quant_graph import FORMAT_VERSION, build_graph, cache_dir
+    from .cpu_quant_graph import FORMAT_VERSION, build_graph, cached_file
 
-    folder = cache_dir()
-    if folder is None:
-        return bytes(build_graph(q, bias).SerializeToString())
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"v{FORMAT_VERSION};pre;{q.bits};{q.block_size};{q.n};{q.k}".encode())
-    for part in (q.packed, q.scales, q.zero_points, bias):
-        digest.update(b"-" if part is None else np.ascontiguousarray(part).data)
-    path = folder / f"{digest.hexdigest()}.onnx"
-    if path.is_file():
-        return str(path)
-    data = bytes(build_graph(q, bias).SerializeToString())
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-            f.write(data)
-        os.replace(f.name, path)  # atomic: concurrent loaders never read half a file
-    except OSError as err:
-        logger.warning("cannot write the quantized-weights cache in %s (%s)", folder, err)
-        return data
-    return str(path)
+    def key() -> str:
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(f"v{FORMAT_VERSION};pre;{q.bits};{q.block_size};{q.n};{q.k}".encode())
+        for part in (q.packed, q.scales, q.zero_points, bias):
+            digest.update(b"-" if part is None else np.ascontiguousarray(part).data)
+        return digest.hexdigest()
+
+    return cached_file(key, lambda: bytes(build_graph(q, bias).SerializeToString()))

@@ -101,13 +101,22 @@ def cached_graph(
     """A graph file's path for ``weight`` (and ``bias``) quantized by ``quantize`` under
     ``settings`` (a string naming the method and its parameters): read from the cache, or built
     and written there. The serialized model itself when the cache is off or not writable."""
+    return cached_file(
+        lambda: _key(weight, bias, settings), lambda: _serialized(quantize(weight), bias)
+    )
+
+
+def cached_file(key: Callable[[], str], build: Callable[[], bytes]) -> str | bytes:
+    """The cache file named by ``key()`` (computed only with the cache on): read if it is
+    there, else ``build()`` written there; ``build()``'s bytes when the cache is off or not
+    writable."""
     folder = cache_dir()
     if folder is None:
-        return _serialized(quantize(weight), bias)
-    path = folder / f"{_key(weight, bias, settings)}.onnx"
+        return build()
+    path = folder / f"{key()}.onnx"
     if path.is_file():
         return str(path)
-    data = _serialized(quantize(weight), bias)
+    data = build()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
