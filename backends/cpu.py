@@ -133,6 +133,21 @@ class CPUBackend(Backend):
         out: torch.Tensor = self._kernels.silu_and_mul(x.reshape(-1, x.shape[-1]))
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        width = x.shape[-1]
+        normed, total = self._kernels.add_rms_norm(
+            x.reshape(-1, width), residual.reshape(-1, width), weight, eps
+        )
+        return normed.view(x.shape), total.view(x.shape)
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_out, k_out = self._kernels.rotary(q, k, cos, sin)
+        return q_out, k_out
+
     def write_kv(
         self,
         key: torch.Tensor,

@@ -63,18 +63,18 @@ class OrtLinear:
             source, session_options(), providers=["CPUExecutionProvider"]
         )
         self.binding = self.session.io_binding()
+        self._bind_x, self._bind_y, self._run = _binding_calls(self.session, self.binding)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            return self(x.to(torch.float32).contiguous()).to(x.dtype)
         rows = x.numel() // self.k
-        x2 = x.reshape(rows, self.k)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        y = torch.empty(rows, self.n, dtype=torch.float32)
+        y = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
         if rows:
-            self.binding.bind_input("x", "cpu", 0, np.float32, [rows, self.k], x2.data_ptr())
-            self.binding.bind_output("y", "cpu", 0, np.float32, [rows, self.n], y.data_ptr())
-            self.session.run_with_iobinding(self.binding)
-        return y.view(*x.shape[:-1], self.n).to(x.dtype)
+            self._bind_x([rows, self.k], x.data_ptr())
+            self._bind_y([rows, self.n], y.data_ptr())
+            self._run()
+        return y
 
     def dequantized_weight(self) -> torch.Tensor:
         import onnx
@@ -87,6 +87,33 @@ class OrtLinear:
         if isinstance(q, BlockQuantized):
             return torch.from_numpy(dequantize_blocks(q))
         return torch.from_numpy(dequantize_channels(q))
+
+
+BindCall = Callable[[list[int], int], None]
+
+
+def _binding_calls(session: Any, binding: Any) -> tuple[BindCall, BindCall, Callable[[], None]]:
+    """(bind x, bind y, run) for one layer's call. A decode step makes ~50 calls, and ORT's Python
+    wrappers of these three cost ~10 us per call here (a device object built per bind, checks
+    for graph capture per run), more than a small layer's product: where the package exposes
+    its native binding objects they are called directly, with the device made once."""
+    import onnxruntime as ort
+
+    try:
+        native, native_session = binding._iobinding, session._sess
+        device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        bind = native.bind_input, native.bind_output
+    except AttributeError:  # another onnxruntime version: its public API
+        return (
+            lambda shape, ptr: binding.bind_input("x", "cpu", 0, np.float32, shape, ptr),
+            lambda shape, ptr: binding.bind_output("y", "cpu", 0, np.float32, shape, ptr),
+            lambda: session.run_with_iobinding(binding),
+        )
+    return (
+        lambda shape, ptr: bind[0]("x", device, np.float32, shape, ptr),
+        lambda shape, ptr: bind[1]("y", device, np.float32, shape, ptr),
+        lambda: native_session.run_with_iobinding(native, None),
+    )
 
 
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> OrtLinear:

@@ -147,9 +147,13 @@ def test_warm_up_logs_and_keeps_the_random_state(caplog: pytest.LogCaptureFixtur
 
 _NUMBA_KERNELS = [
     ("hwlm.kernels.numba.paged_attention", "_attention"),
+    ("hwlm.kernels.numba.paged_attention", "_attention_serial"),
     ("hwlm.kernels.numba.paged_attention", "_write_kv"),
-    ("hwlm.kernels.numba.fused", "_rms_norm"),
-    ("hwlm.kernels.numba.fused", "_silu_and_mul"),
+    ("hwlm.kernels.numba.paged_attention", "_write_kv_serial"),
+] + [
+    ("hwlm.kernels.numba.fused", f"_{op}{variant}")
+    for op in ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
+    for variant in ("", "_serial")
 ]
 
 
@@ -166,7 +170,7 @@ def test_cpu_requests_compile_nothing_after_start(arch: str, tmp_path: Path) -> 
         model = str(tmp_path)
     llm = LLM(model, device="cpu", **SETTINGS)
     compiled = _compiled_variants()
-    assert compiled[0] and compiled[1]  # attention and write_kv (every model uses them)
+    assert compiled[1] and compiled[3]  # one-token attention and write_kv (every model runs them)
     prompts = ["a b c d e f g h i j k l m n o p q r", "x"]  # several prefill shapes, then decode
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     llm.generate(prompts[1], SamplingParams(temperature=0.5, max_tokens=3), use_tqdm=False)

@@ -189,6 +189,27 @@ def test_int8_nbits_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
         cpu_quant.quantized_linear(w, None, "int8")
 
 
+def test_layer_calls_agree_through_onnxruntimes_public_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer binds through ORT's native objects where it can; with an onnxruntime that lacks
+    them it falls back to the public API, with the same results (leading dims, a strided and a
+    float64 input, zero rows)."""
+    import onnxruntime
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(72, 256, generator=g) * 0.05, torch.randn(72, generator=g)
+    x = torch.randn(2, 3, 300, generator=g)[..., :256]  # strided rows
+    native = cpu_quant.quantized_linear(w, b, "int4")
+    monkeypatch.setattr(onnxruntime, "OrtDevice", object())  # no OrtDevice.make: public path
+    public = cpu_quant.quantized_linear(w, b, "int4")
+    for inputs in (x, x.double(), x[:0]):
+        got, want = public(inputs), native(inputs)
+        assert got.shape == (*inputs.shape[:-1], 72) and got.dtype == inputs.dtype
+        assert torch.equal(got, want)
+    deq = native.dequantized_weight().double()
+    # int8 activations (accuracy_level 4) against float64 products of the same int4 weights
+    assert (native(x).double() - (x.double() @ deq.T + b.double())).abs().max().item() < 0.05
+
+
 def test_unsupported_backend_is_a_one_line_error() -> None:
     with pytest.raises(ValueError) as err:
         check_quantization("int4", ReferenceBackend())

@@ -21,7 +21,14 @@ _PRIORITY = ["omp", "tbb", "workqueue"]
 if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
     numba.config.THREADING_LAYER_PRIORITY = _PRIORITY  # type: ignore[attr-defined]
 
-from hwlm.kernels.numba.fused import rms_norm, silu_and_mul  # noqa: E402
+from hwlm.kernels.numba.fused import add_rms_norm, rms_norm, rotary, silu_and_mul  # noqa: E402
 from hwlm.kernels.numba.paged_attention import paged_attention, write_kv  # noqa: E402
 
-__all__ = ["paged_attention", "write_kv", "rms_norm", "silu_and_mul"]
+__all__ = [
+    "paged_attention",
+    "write_kv",
+    "rms_norm",
+    "add_rms_norm",
+    "rotary",
+    "silu_and_mul",
+]

@@ -32,6 +32,11 @@ Array = np.ndarray[Any, Any]  # numba compiles for the arrays' dtypes; annotatio
 
 KEY_TILE = 32  # keys per online-softmax step, whatever the block size; a multiple of 4
 QUERY_CHUNK = 16  # query tokens per work item: splits long prefills across threads
+# Calls with less work than these run serially on the calling thread: waking the OpenMP pool
+# costs more (decode attention over 64 keys of 12 heads: 10 us serial, 17 us through the pool,
+# level at ~300 keys, on the 2-core development machine).
+SERIAL_MAX_PRODUCTS = 1 << 17  # query elements x keys
+SERIAL_MAX_ELEMENTS = 1 << 16  # key elements written
 _NEG = np.float32(-1e30)  # "minus infinity": fastmath assumes there are no infs
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two for an exact range reduction
@@ -87,22 +92,18 @@ def _exp(x: Any) -> Any:
     return p * _bits_to_float32(exponent)  # type: ignore[call-arg]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _attention(
+@njit(fastmath=True, cache=True)
+def _plan(
     query: Array,
     kv_cache: Array,
     query_start_loc: Array,
     seq_lens: Array,
     block_tables: Array,
-    scale: float | np.float32,
     num_threads: int,
-    out: Array,
-) -> None:
-    num_heads, head_size = query.shape[1], query.shape[2]
+) -> tuple[Array, Array, Array, int, int]:
+    """Checks the inputs; returns (order, item_seq, item_start, num_work, num_workers)."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    scale = np.float32(scale)
     num_blocks = kv_cache.shape[1]
     if query_start_loc[0] < 0 or query_start_loc[num_seqs] > query.shape[0]:
         raise ValueError("query_start_loc does not fit the query")
@@ -137,111 +138,210 @@ def _attention(
     # (workqueue always, whatever the chunk size), so deal the cost-sorted work out round-robin.
     num_workers = max(1, min(num_threads, num_work))
 
-    # Per-worker scratch: no allocation inside the loop.
+    return order, item_seq, item_start, num_work, num_workers
+
+
+@njit(fastmath=True, inline="always", cache=True)
+def _attend(
+    worker: int,
+    num_workers: int,
+    num_work: int,
+    order: Array,
+    item_seq: Array,
+    item_start: Array,
+    query: Array,
+    kv_cache: Array,
+    query_start_loc: Array,
+    seq_lens: Array,
+    block_tables: Array,
+    scale: float | np.float32,
+    out: Array,
+) -> None:
+    """Worker ``worker``'s share of the planned work: items ``worker``, ``worker + num_workers``..."""
+    head_size = query.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = query.shape[1] // num_kv_heads
+    scale = np.float32(scale)
+    # Scratch for this worker, allocated once per call: none inside the loop.
     max_rows = QUERY_CHUNK * group  # row r = token r // group, query head r % group of the kv group
-    q_tile = np.empty((num_workers, max_rows, head_size), np.float32)
-    acc = np.empty((num_workers, max_rows, head_size), np.float32)
-    row_max = np.empty((num_workers, max_rows), np.float32)
-    row_sum = np.empty((num_workers, max_rows), np.float32)
-    probs = np.empty((num_workers, max_rows, KEY_TILE), np.float32)
-    slots = np.empty((num_workers, KEY_TILE), np.int64)
+    qt = np.empty((max_rows, head_size), np.float32)
+    ac = np.empty((max_rows, head_size), np.float32)
+    mx = np.empty(max_rows, np.float32)
+    sm = np.empty(max_rows, np.float32)
+    pt = np.empty((max_rows, KEY_TILE), np.float32)
+    sl = np.empty(KEY_TILE, np.int64)
     # Cache rows by flat slot: kv_rows[kv, block * block_size + offset, kv_head] is one key/value.
     kv_flat = kv_cache.reshape(kv_cache.size)
     v_off = kv_cache.size // 2
     kv_rows = kv_cache.reshape((2, kv_cache.shape[1] * block_size, num_kv_heads, head_size))
+    for w in range(worker, num_work, num_workers):
+        item = order[w // num_kv_heads]
+        kvh = w % num_kv_heads
+        s, t0 = item_seq[item], item_start[item]
+        end = query_start_loc[s + 1]
+        n_tok = min(QUERY_CHUNK, end - t0)
+        pos0 = seq_lens[s] - end + t0  # position of token t0
+        for r in range(n_tok * group):
+            for d in range(head_size):
+                qt[r, d] = query[t0 + r // group, kvh * group + r % group, d] * scale
+                ac[r, d] = 0.0
+            mx[r] = _NEG
+            sm[r] = 0.0
+        num_keys = pos0 + n_tok
+        for k0 in range(0, num_keys, KEY_TILE):
+            nk = min(KEY_TILE, num_keys - k0)
+            for kk in range(KEY_TILE):  # slots of this tile's keys; fetch their rows early
+                p = min(k0 + kk, num_keys - 1)
+                sl[kk] = block_tables[s, p // block_size] * block_size + p % block_size
+                base = (sl[kk] * num_kv_heads + kvh) * head_size
+                for d in range(0, head_size, 16):
+                    _prefetch(kv_flat, base + d)  # type: ignore[call-arg]
+                    _prefetch(kv_flat, v_off + base + d)
+            # Scores, four keys at a time: each query row is loaded once per four keys, each
+            # key row once for all query rows of the kv group. Past the end of the context the
+            # last key is repeated; scores hidden by causality are masked by the softmax below.
+            # Key p is seen by the tokens j >= p - pos0, i.e. by rows from (p - pos0) * group.
+            for kk in range(0, nk, 4):
+                k_0 = kv_rows[0, sl[kk], kvh]
+                k_1 = kv_rows[0, sl[kk + 1], kvh]
+                k_2 = kv_rows[0, sl[kk + 2], kvh]
+                k_3 = kv_rows[0, sl[kk + 3], kvh]
+                for r in range(max(0, k0 + kk - pos0) * group, n_tok * group):
+                    x0 = x1 = x2 = x3 = np.float32(0.0)
+                    for d in range(head_size):
+                        qd = qt[r, d]
+                        x0 += qd * k_0[d]
+                        x1 += qd * k_1[d]
+                        x2 += qd * k_2[d]
+                        x3 += qd * k_3[d]
+                    pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3] = x0, x1, x2, x3
+            # Online softmax: rescale what was accumulated over earlier tiles to the new max.
+            for r in range(n_tok * group):
+                valid = min(nk, pos0 + r // group - k0 + 1)
+                if valid <= 0:
+                    continue
+                m_new = mx[r]
+                for kk in range(valid):
+                    m_new = max(m_new, pt[r, kk])
+                total = np.float32(0.0)
+                for kk in range(valid):
+                    e = _exp(pt[r, kk] - m_new)
+                    pt[r, kk] = e
+                    total += e
+                for kk in range(valid, KEY_TILE):
+                    pt[r, kk] = 0.0
+                corr = _exp(mx[r] - m_new)
+                sm[r] = sm[r] * corr + total
+                mx[r] = m_new
+                if corr != 1.0:
+                    for d in range(head_size):
+                        ac[r, d] *= corr
+            for kk in range(0, nk, 4):
+                v_0 = kv_rows[1, sl[kk], kvh]
+                v_1 = kv_rows[1, sl[kk + 1], kvh]
+                v_2 = kv_rows[1, sl[kk + 2], kvh]
+                v_3 = kv_rows[1, sl[kk + 3], kvh]
+                for r in range(max(0, k0 + kk - pos0) * group, n_tok * group):
+                    e0, e1, e2, e3 = pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3]
+                    for d in range(head_size):
+                        ac[r, d] += e0 * v_0[d] + e1 * v_1[d] + e2 * v_2[d] + e3 * v_3[d]
+        for r in range(n_tok * group):
+            inv = np.float32(1.0) / sm[r]
+            for d in range(head_size):
+                out[t0 + r // group, kvh * group + r % group, d] = ac[r, d] * inv
 
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention(
+    query: Array,
+    kv_cache: Array,
+    query_start_loc: Array,
+    seq_lens: Array,
+    block_tables: Array,
+    scale: float | np.float32,
+    num_threads: int,
+    out: Array,
+) -> None:
+    order, item_seq, item_start, num_work, num_workers = _plan(
+        query, kv_cache, query_start_loc, seq_lens, block_tables, num_threads
+    )
     for worker in prange(num_workers):
-        qt, ac, mx, sm = q_tile[worker], acc[worker], row_max[worker], row_sum[worker]
-        pt, sl = probs[worker], slots[worker]
-        for w in range(worker, num_work, num_workers):
-            item = order[w // num_kv_heads]
-            kvh = w % num_kv_heads
-            s, t0 = item_seq[item], item_start[item]
-            end = query_start_loc[s + 1]
-            n_tok = min(QUERY_CHUNK, end - t0)
-            pos0 = seq_lens[s] - end + t0  # position of token t0
-            for r in range(n_tok * group):
-                for d in range(head_size):
-                    qt[r, d] = query[t0 + r // group, kvh * group + r % group, d] * scale
-                    ac[r, d] = 0.0
-                mx[r] = _NEG
-                sm[r] = 0.0
-            num_keys = pos0 + n_tok
-            for k0 in range(0, num_keys, KEY_TILE):
-                nk = min(KEY_TILE, num_keys - k0)
-                for kk in range(KEY_TILE):  # slots of this tile's keys; fetch their rows early
-                    p = min(k0 + kk, num_keys - 1)
-                    sl[kk] = block_tables[s, p // block_size] * block_size + p % block_size
-                    base = (sl[kk] * num_kv_heads + kvh) * head_size
-                    for d in range(0, head_size, 16):
-                        _prefetch(kv_flat, base + d)  # type: ignore[call-arg]
-                        _prefetch(kv_flat, v_off + base + d)
-                # Scores, four keys at a time: each query row is loaded once per four keys, each
-                # key row once for all query rows of the kv group. Past the end of the context the
-                # last key is repeated; scores hidden by causality are masked by the softmax below.
-                # Key p is seen by the tokens j >= p - pos0, i.e. by rows from (p - pos0) * group.
-                for kk in range(0, nk, 4):
-                    k_0 = kv_rows[0, sl[kk], kvh]
-                    k_1 = kv_rows[0, sl[kk + 1], kvh]
-                    k_2 = kv_rows[0, sl[kk + 2], kvh]
-                    k_3 = kv_rows[0, sl[kk + 3], kvh]
-                    for r in range(max(0, k0 + kk - pos0) * group, n_tok * group):
-                        x0 = x1 = x2 = x3 = np.float32(0.0)
-                        for d in range(head_size):
-                            qd = qt[r, d]
-                            x0 += qd * k_0[d]
-                            x1 += qd * k_1[d]
-                            x2 += qd * k_2[d]
-                            x3 += qd * k_3[d]
-                        pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3] = x0, x1, x2, x3
-                # Online softmax: rescale what was accumulated over earlier tiles to the new max.
-                for r in range(n_tok * group):
-                    valid = min(nk, pos0 + r // group - k0 + 1)
-                    if valid <= 0:
-                        continue
-                    m_new = mx[r]
-                    for kk in range(valid):
-                        m_new = max(m_new, pt[r, kk])
-                    total = np.float32(0.0)
-                    for kk in range(valid):
-                        e = _exp(pt[r, kk] - m_new)
-                        pt[r, kk] = e
-                        total += e
-                    for kk in range(valid, KEY_TILE):
-                        pt[r, kk] = 0.0
-                    corr = _exp(mx[r] - m_new)
-                    sm[r] = sm[r] * corr + total
-                    mx[r] = m_new
-                    if corr != 1.0:
-                        for d in range(head_size):
-                            ac[r, d] *= corr
-                for kk in range(0, nk, 4):
-                    v_0 = kv_rows[1, sl[kk], kvh]
-                    v_1 = kv_rows[1, sl[kk + 1], kvh]
-                    v_2 = kv_rows[1, sl[kk + 2], kvh]
-                    v_3 = kv_rows[1, sl[kk + 3], kvh]
-                    for r in range(max(0, k0 + kk - pos0) * group, n_tok * group):
-                        e0, e1, e2, e3 = pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3]
-                        for d in range(head_size):
-                            ac[r, d] += e0 * v_0[d] + e1 * v_1[d] + e2 * v_2[d] + e3 * v_3[d]
-            for r in range(n_tok * group):
-                inv = np.float32(1.0) / sm[r]
-                for d in range(head_size):
-                    out[t0 + r // group, kvh * group + r % group, d] = ac[r, d] * inv
+        _attend(
+            worker,
+            num_workers,
+            num_work,
+            order,
+            item_seq,
+            item_start,
+            query,
+            kv_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            out,
+        )
+
+
+@njit(fastmath=True, cache=True)
+def _attention_serial(
+    query: Array,
+    kv_cache: Array,
+    query_start_loc: Array,
+    seq_lens: Array,
+    block_tables: Array,
+    scale: float | np.float32,
+    out: Array,
+) -> None:
+    order, item_seq, item_start, num_work, _ = _plan(
+        query, kv_cache, query_start_loc, seq_lens, block_tables, 1
+    )
+    _attend(
+        0,
+        1,
+        num_work,
+        order,
+        item_seq,
+        item_start,
+        query,
+        kv_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        out,
+    )
+
+
+@njit(inline="always", cache=True)
+def _write_kv_row(key: Array, value: Array, kv_rows: Array, slot_mapping: Array, t: int) -> None:
+    slot = slot_mapping[t]
+    if slot >= 0:  # loops, not row slices: those take seconds to compile for strided rows
+        for h in range(key.shape[1]):
+            for d in range(key.shape[2]):
+                kv_rows[0, slot, h, d] = key[t, h, d]
+                kv_rows[1, slot, h, d] = value[t, h, d]
+
+
+@njit(inline="always", cache=True)
+def _check_slots(kv_rows: Array, slot_mapping: Array) -> None:
+    for t in range(slot_mapping.shape[0]):
+        if slot_mapping[t] >= kv_rows.shape[1]:
+            raise ValueError("slot_mapping names a slot outside the cache")
 
 
 @njit(parallel=True, cache=True)
 def _write_kv(key: Array, value: Array, kv_rows: Array, slot_mapping: Array) -> None:
-    for t in range(slot_mapping.shape[0]):
-        if slot_mapping[t] >= kv_rows.shape[1]:
-            raise ValueError("slot_mapping names a slot outside the cache")
+    _check_slots(kv_rows, slot_mapping)
     for t in prange(slot_mapping.shape[0]):
-        slot = slot_mapping[t]
-        if slot >= 0:  # loops, not row slices: those take seconds to compile for strided rows
-            for h in range(key.shape[1]):
-                for d in range(key.shape[2]):
-                    kv_rows[0, slot, h, d] = key[t, h, d]
-                    kv_rows[1, slot, h, d] = value[t, h, d]
+        _write_kv_row(key, value, kv_rows, slot_mapping, t)
+
+
+@njit(cache=True)
+def _write_kv_serial(key: Array, value: Array, kv_rows: Array, slot_mapping: Array) -> None:
+    _check_slots(kv_rows, slot_mapping)
+    for t in range(slot_mapping.shape[0]):
+        _write_kv_row(key, value, kv_rows, slot_mapping, t)
 
 
 @contextmanager
@@ -282,13 +382,17 @@ def write_kv(
         raise ValueError("slot_mapping needs one slot per token")
     kv_rows = kv_cache.detach().numpy().reshape(2, -1, *kv_cache.shape[3:])
     # Strided key/value rows are read in place: copying them first measured slower.
+    args = (
+        key.detach().to(torch.float32).numpy(),
+        value.detach().to(torch.float32).numpy(),
+        kv_rows,
+        slot_mapping.to(torch.int64).contiguous().numpy(),
+    )
+    if key.numel() < SERIAL_MAX_ELEMENTS:
+        _write_kv_serial(*args)
+        return
     with _parallel_launch():
-        _write_kv(
-            key.detach().to(torch.float32).numpy(),
-            value.detach().to(torch.float32).numpy(),
-            kv_rows,
-            slot_mapping.to(torch.int64).contiguous().numpy(),
-        )
+        _write_kv(*args)
 
 
 def paged_attention(
@@ -304,15 +408,18 @@ def paged_attention(
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    args = (
+        q.numpy(),
+        kv_cache.detach().numpy(),
+        metadata.query_start_loc.to(torch.int32).contiguous().numpy(),
+        metadata.seq_lens.to(torch.int32).contiguous().numpy(),
+        metadata.block_tables.to(torch.int32).contiguous().numpy(),
+        float(scale),
+    )
+    # An upper bound of the step's query-key products (every token against the longest context).
+    if q.numel() * metadata.max_seq_len < SERIAL_MAX_PRODUCTS:
+        _attention_serial(*args, out.numpy())
+        return out
     with _parallel_launch() as num_threads:
-        _attention(
-            q.numpy(),
-            kv_cache.detach().numpy(),
-            metadata.query_start_loc.to(torch.int32).contiguous().numpy(),
-            metadata.seq_lens.to(torch.int32).contiguous().numpy(),
-            metadata.block_tables.to(torch.int32).contiguous().numpy(),
-            float(scale),
-            num_threads,
-            out.numpy(),
-        )
+        _attention(*args, num_threads, out.numpy())
     return out
