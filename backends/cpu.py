@@ -171,6 +171,12 @@ class CPUBackend(Backend):
         out: torch.Tensor = self._kernels.paged_attention(query, kv_cache, metadata, scale)
         return out
 
+    def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logprobs = self._kernels.greedy_sample(logits)
+        if bool(logprobs.isnan().any()):  # NaN or +inf logits: torch's own answer for those
+            return super().greedy_sample(logits)
+        return tokens, logprobs
+
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return

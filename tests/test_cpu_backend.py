@@ -287,3 +287,87 @@ def test_packed_linear_rounds_rows_up_and_returns_only_the_real_ones():
         got = layer(x)
         assert got.shape == (*shape[:-1], 24)
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+_ATTENTION = sys.modules.get("hwlm.kernels.numba.paged_attention")
+_FUSED_THRESHOLDS = [
+    ("hwlm.kernels.numba.paged_attention", "SERIAL_MAX_PRODUCTS"),
+    ("hwlm.kernels.numba.paged_attention", "SERIAL_MAX_ELEMENTS"),
+    ("hwlm.kernels.numba.fused", "SERIAL_MAX_ELEMENTS"),
+    ("hwlm.kernels.numba.greedy", "SERIAL_MAX_ELEMENTS"),
+]
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every numba op forced onto its serial or its parallel build, whatever the input size."""
+    import importlib
+
+    for module, name in _FUSED_THRESHOLDS:
+        value = 1 << 62 if request.param == "serial" else 0
+        monkeypatch.setattr(importlib.import_module(module), name, value)
+    return str(request.param)
+
+
+def test_both_kernel_builds_match_the_reference(backend, kernel_path):
+    g = torch.Generator().manual_seed(11)
+    query, cache, metadata = paged_batch(MIXED, 16, 6, 64, seed=5)
+    out = backend.attention(query, cache, metadata, 0.125)
+    expected = reference.paged_attention(query, cache, metadata, 0.125, torch.float64)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+    keys = torch.randn(5, NUM_KV_HEADS, 64, generator=g)
+    slots = torch.tensor([3, -1, 0, 17, 9])
+    cache = torch.zeros(2, 4, 8, NUM_KV_HEADS, 64)
+    backend.write_kv(keys, -keys, cache, slots)
+    rows = cache.view(2, -1, NUM_KV_HEADS, 64)
+    assert torch.equal(rows[0, slots[slots >= 0]], keys[slots >= 0])
+    assert torch.equal(rows[1, slots[slots >= 0]], -keys[slots >= 0])
+    x, residual = (torch.randn(7, 96, generator=g) for _ in range(2))
+    w = torch.rand(96, generator=g) + 0.5
+    want_sum = x + residual
+    normed, total = backend.add_rms_norm(x, residual.clone(), w, 1e-6)
+    assert torch.equal(total, want_sum)
+    want = want_sum.double() * torch.rsqrt(want_sum.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(normed.double(), want * w.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        backend.rms_norm(x, w, 1e-6).double(), reference_rms(x, w), atol=1e-5, rtol=1e-5
+    )
+    gate_up = torch.randn(7, 2 * 80, generator=g)
+    torch.testing.assert_close(
+        backend.silu_and_mul(gate_up), F.silu(gate_up[:, :80]) * gate_up[:, 80:], atol=1e-5, rtol=0
+    )
+    qkv = torch.randn(7, (4 + 2) * 32, generator=g)
+    q, k = qkv[:, :128].view(7, 4, 32), qkv[:, 128:].view(7, 2, 32)  # strided, as in the models
+    cos, sin = torch.randn(7, 1, 16, generator=g), torch.randn(7, 1, 16, generator=g)
+    got_q, got_k = backend.rotary(q, k, cos, sin)
+    from hwlm.models.rotary import apply_rotary
+
+    torch.testing.assert_close(got_q, apply_rotary(q, cos, sin), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_k, apply_rotary(k, cos, sin), atol=1e-6, rtol=0)
+
+
+def reference_rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+
+
+def test_greedy_sample_edge_rows(backend, kernel_path):
+    """Masked (-inf) logits are sampled around; rows with NaN or +inf get torch's answer."""
+    from hwlm.sampling.sampler import greedy_in_torch
+
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(4, 3000, generator=g) * 4
+    logits[0, ::2] = float("-inf")  # a structured-output mask
+    logits[1, :2999] = float("-inf")  # one token allowed
+    want_tokens, want_lp = greedy_in_torch(logits)
+    tokens, logprobs = backend.greedy_sample(logits)
+    assert tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(logprobs, want_lp, atol=1e-4, rtol=1e-5)
+    assert logprobs[1].item() == 0.0 and tokens[1].item() == 2999
+    for bad in (float("nan"), float("inf")):
+        broken = logits.clone()
+        broken[2, 5] = bad
+        tokens, logprobs = backend.greedy_sample(broken)
+        want_tokens, want_lp = greedy_in_torch(broken)
+        assert tokens.tolist() == want_tokens.tolist()
+        torch.testing.assert_close(logprobs, want_lp, equal_nan=True)

@@ -22,6 +22,7 @@ if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.envi
     numba.config.THREADING_LAYER_PRIORITY = _PRIORITY  # type: ignore[attr-defined]
 
 from hwlm.kernels.numba.fused import add_rms_norm, rms_norm, rotary, silu_and_mul  # noqa: E402
+from hwlm.kernels.numba.greedy import greedy_sample  # noqa: E402
 from hwlm.kernels.numba.paged_attention import paged_attention, write_kv  # noqa: E402
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "add_rms_norm",
     "rotary",
     "silu_and_mul",
+    "greedy_sample",
 ]
