@@ -190,9 +190,17 @@ def _attend(
         num_keys = pos0 + n_tok
         for k0 in range(0, num_keys, KEY_TILE):
             nk = min(KEY_TILE, num_keys - k0)
-            for kk in range(KEY_TILE):  # slots of this tile's keys; fetch their rows early
-                p = min(k0 + kk, num_keys - 1)
-                sl[kk] = block_tables[s, p // block_size] * block_size + p % block_size
+            # Slots of this tile's keys, walking the blocks (one division per tile: integer
+            # division per key cost more than the tile's dot products); fetch their rows early.
+            block, offset = k0 // block_size, k0 % block_size
+            for kk in range(KEY_TILE):
+                if k0 + kk < num_keys:
+                    sl[kk] = block_tables[s, block] * block_size + offset
+                    offset += 1
+                    if offset == block_size:
+                        block, offset = block + 1, 0
+                else:
+                    sl[kk] = sl[kk - 1]  # past the end: the last key again (masked below)
                 base = (sl[kk] * num_kv_heads + kvh) * head_size
                 for d in range(0, head_size, 16):
                     _prefetch(kv_flat, base + d)  # type: ignore[call-arg]
