@@ -70,9 +70,11 @@ class CPUBackend(Backend):
     name = "cpu"
     supported_dtypes = (torch.float32,)
     quantizations = ("int8", "int4")  # through ONNX Runtime (backends/cpu_quant.py)
-    # No fp8 KV cache: numba has no float8 type, and dequantizing whole caches in torch before
-    # every attention call would cost more than the smaller cache saves.
-    kv_cache_dtypes = ("auto",)
+    # bfloat16 caches hold the bits in int16 for numba, which widens them with a shift while it
+    # reads them: half the bytes of float32, so decode attention (memory-bound) runs ~1.6x
+    # faster. No fp8 cache: numba has no float8 type, and dequantizing whole caches in torch
+    # before every attention call would cost more than the smaller cache saves.
+    kv_cache_dtypes = ("auto", "bfloat16")
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from hwlm.kernels import reference
 class ReferenceBackend(Backend):
     name = "reference"
     supported_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")
+    kv_cache_dtypes = ("auto", "bfloat16", "fp8", "fp8_e4m3")
 
     @classmethod
     def probe(cls) -> ProbeResult:

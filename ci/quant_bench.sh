@@ -7,7 +7,8 @@
 # OUT the folder for the JSON results, MODEL the C1-shaped model (default: the c1-llama preset
 # with random weights). PEER=1 adds llama.cpp's side to every round, alternating with hwlm's
 # (../shared/peers/llamacpp/run.sh after its setup: `single`, and `serve-bench` at f32 and
-# Q4_0, the C1 batch end to end through llama-server).
+# Q4_0, the C1 batch end to end through llama-server). KV="auto bfloat16" runs every hwlm
+# measurement once per KV-cache dtype listed (default: auto), alternating.
 set -euo pipefail
 ROUNDS=${ROUNDS:-2}
 OUT=${OUT:-$(mktemp -d)}
@@ -17,14 +18,19 @@ MODEL=${MODEL:-c1-llama}
 PEER_RUN=$(cd "$(dirname "$0")/.." && pwd)/../shared/peers/llamacpp/run.sh
 c1=(--model "$MODEL" --num-prompts 32 --input-len-min 32 --input-len-max 256 --output-len 64)
 single=(--model "$MODEL" --num-prompts 1 --input-len-min 32 --input-len-max 32 --output-len 128)
+read -r -a kv_dtypes <<<"${KV:-auto}"
 for round in $(seq "$ROUNDS"); do
     for q in float32 int8 int4; do
-        flags=()
-        [ "$q" = float32 ] || flags=(--quantization "$q")
-        "${hwlm[@]}" bench throughput "${c1[@]}" "${flags[@]}" \
-            --output-json "$OUT/c1-$q-$round.json" >"$OUT/c1-$q-$round.log" 2>&1
-        "${hwlm[@]}" bench throughput "${single[@]}" "${flags[@]}" \
-            --output-json "$OUT/single-$q-$round.json" >"$OUT/single-$q-$round.log" 2>&1
+        for kv in "${kv_dtypes[@]}"; do
+            flags=(--kv-cache-dtype "$kv")
+            [ "$q" = float32 ] || flags+=(--quantization "$q")
+            name=$q
+            [ "$kv" = auto ] || name=$q-kv$kv
+            "${hwlm[@]}" bench throughput "${c1[@]}" "${flags[@]}" \
+                --output-json "$OUT/c1-$name-$round.json" >"$OUT/c1-$name-$round.log" 2>&1
+            "${hwlm[@]}" bench throughput "${single[@]}" "${flags[@]}" \
+                --output-json "$OUT/single-$name-$round.json" >"$OUT/single-$name-$round.log" 2>&1
+        done
         echo "round $round $q done" >&2
     done
     if [[ -n ${PEER:-} ]]; then
@@ -46,15 +52,16 @@ def rate(path: Path) -> float:
     rows = data if isinstance(data, list) else data.get("results", [data])
     return float(next(r for r in rows if r["name"] == "hwlm")["output_tokens_per_s"])
 
-print(f"{'workload':10} {'weights':8} {'median tok/s':>13} {'x float32':>10}  runs")
+print(f"{'workload':10} {'weights':18} {'median tok/s':>13} {'x float32':>10}  runs")
 for work in ("c1", "single"):
     base = None
-    for q in ("float32", "int8", "int4"):
-        runs = [rate(p) for p in sorted(out.glob(f"{work}-{q}-*.json"))]
+    names = sorted({p.name.split("-", 1)[1].rsplit("-", 1)[0] for p in out.glob(f"{work}-*.json")})
+    for q in sorted(names, key=lambda n: (n.split("-")[0] != "float32", n)):
+        runs = [rate(p) for p in sorted(out.glob(f"{work}-{q}-[0-9]*.json"))]
         med = statistics.median(runs)
         base = base or med
         listed = " ".join(f"{r:.1f}" for r in runs)
-        print(f"{work:10} {q:8} {med:13.1f} {med / base:10.2f}  {listed}")
+        print(f"{work:10} {q:18} {med:13.1f} {med / base:10.2f}  {listed}")
 for log in sorted(out.glob("peer-*.log")):
     lines = [line.strip() for line in log.read_text().splitlines() if "tok/s" in line or "wall" in line]
     print(f"{log.stem}: " + " | ".join(lines[-3:]))

@@ -46,6 +46,7 @@ _DTYPES: dict[str, torch.dtype] = {
 
 # The cache element type of each ``kv_cache_dtype`` but "auto" (which is the model's dtype).
 _KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3": torch.float8_e4m3fn,
 }

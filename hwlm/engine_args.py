@@ -29,7 +29,7 @@ from typing import Any
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV-cache element types: auto (the model's dtype) or fp8 (= fp8_e4m3, float8_e4m3fn).
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3")
 # Weight quantizations, applied to the float weights at load time (docs/quantization.md).
 QUANTIZATIONS = ("int8", "int4", "fp8")
 # How ranks 1..N-1 of tensor parallelism start (hwlm.distributed).
@@ -129,8 +129,9 @@ class EngineArgs:
     )
     kv_cache_dtype: str = _setting(
         "auto",
-        "KV-cache element type: auto (the model's dtype) or fp8 (float8 e4m3 with a per-layer "
-        "scale, 1.0 unless the checkpoint has one: half the bytes of bf16; cuda backend)",
+        "KV-cache element type: auto (the model's dtype), bfloat16 (half the bytes of a float32 "
+        "model's cache; cpu backend) or fp8 (float8 e4m3 with a per-layer scale, 1.0 unless the "
+        "checkpoint has one: half the bytes of bf16; cuda backend)",
         choices=KV_CACHE_DTYPES,
     )
     tensor_parallel_size: int = _setting(

@@ -48,7 +48,10 @@ def test_cpu_backend_refuses_fp8_in_one_line() -> None:
         LLMEngine(EngineArgs(model="hwlm-tiny", device="cpu", kv_cache_dtype="fp8"))
     message = str(info.value)
     assert "\n" not in message
-    assert "kv_cache_dtype 'fp8' is not supported by the cpu backend (it runs: auto)" in message
+    assert (
+        "kv_cache_dtype 'fp8' is not supported by the cpu backend (it runs: auto, bfloat16)"
+        in message
+    )
 
 
 @pytest.fixture

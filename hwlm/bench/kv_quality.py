@@ -2,9 +2,10 @@
 
 The model (float weights, ``--dtype``) reads a fixed token stream twice, as ``hwlm.bench.quality``
 does for weight quantization: once with a KV cache of its own dtype, once with the cache in
-``--kv-cache-dtype`` (fp8: float8_e4m3 at scale 1.0). Only the cache differs, so the KL
-divergence and top-1 agreement measure what storing keys and values in fp8 costs. The same
-caveat as there: random weights give near-flat distributions, where near-ties decide top-1.
+``--kv-cache-dtype`` (fp8: float8_e4m3 at scale 1.0; bfloat16: a float32 model's cache on the
+cpu backend). Only the cache differs, so the KL divergence and top-1 agreement measure what
+storing keys and values that way costs. The same caveat as there: random weights give near-flat
+distributions, where near-ties decide top-1.
 
 Run: ``python -m hwlm.bench.kv_quality --model qwen2.5-0.5b --device cuda --dtype bfloat16``.
 """
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[QualityResult]:
     )
     for r in results:  # the command's output (as hwlm.bench.quality's)
         print(
-            f"{r.model} {r.quantization}: mean KL {r.mean_kl:.5f} nats, max KL {r.max_kl:.4f}, "
+            f"{r.model} {r.quantization}: mean KL {r.mean_kl:.3g} nats, max KL {r.max_kl:.3g}, "
             f"top-1 agreement {100 * r.top1_agreement:.1f}% over {r.tokens} tokens "
             f"(reference entropy {r.reference_entropy:.2f} nats)"
         )

@@ -24,7 +24,7 @@ import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 
 from hwlm.attention import AttentionMetadata
 
@@ -53,6 +53,27 @@ def _bits_to_float32(typingctx: Any, bits: Any) -> Any:
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+def _as_float32(x: Any) -> Any:
+    """A cache element as float32: float32 itself, or the bits of a bfloat16 held in an int16."""
+    raise NotImplementedError("compiled only (numba)")
+
+
+@overload(_as_float32, inline="always")
+def _as_float32_impl(x: Any) -> Any:
+    # The implementations' signatures must match the stub's, annotations included.
+    def as_is(x: Any) -> Any:
+        return x
+
+    def widened(x: Any) -> Any:
+        return _bits_to_float32(np.int32(x) << np.int32(16))  # type: ignore[call-arg]
+
+    if isinstance(x, types.Float):
+        return as_is
+    if isinstance(x, types.Integer) and x.bitwidth == 16:  # type: ignore[attr-defined]
+        return widened
+    return None
 
 
 @intrinsic
@@ -218,10 +239,10 @@ def _attend(
                     x0 = x1 = x2 = x3 = np.float32(0.0)
                     for d in range(head_size):
                         qd = qt[r, d]
-                        x0 += qd * k_0[d]
-                        x1 += qd * k_1[d]
-                        x2 += qd * k_2[d]
-                        x3 += qd * k_3[d]
+                        x0 += qd * _as_float32(k_0[d])
+                        x1 += qd * _as_float32(k_1[d])
+                        x2 += qd * _as_float32(k_2[d])
+                        x3 += qd * _as_float32(k_3[d])
                     pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3] = x0, x1, x2, x3
             # Online softmax: rescale what was accumulated over earlier tiles to the new max.
             for r in range(n_tok * group):
@@ -252,7 +273,12 @@ def _attend(
                 for r in range(max(0, k0 + kk - pos0) * group, n_tok * group):
                     e0, e1, e2, e3 = pt[r, kk], pt[r, kk + 1], pt[r, kk + 2], pt[r, kk + 3]
                     for d in range(head_size):
-                        ac[r, d] += e0 * v_0[d] + e1 * v_1[d] + e2 * v_2[d] + e3 * v_3[d]
+                        ac[r, d] += (
+                            e0 * _as_float32(v_0[d])
+                            + e1 * _as_float32(v_1[d])
+                            + e2 * _as_float32(v_2[d])
+                            + e3 * _as_float32(v_3[d])
+                        )
         for r in range(n_tok * group):
             inv = np.float32(1.0) / sm[r]
             for d in range(head_size):
@@ -369,13 +395,24 @@ def _parallel_launch() -> Iterator[int]:
             torch.set_num_threads(torch_threads)
 
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _check_cache(kv_cache: torch.Tensor) -> None:
-    if kv_cache.dtype != torch.float32 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+    if kv_cache.dtype not in CACHE_DTYPES or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(
-            "kv_cache must be float32 [2, num_blocks, block_size, kv_heads, head_size]"
+            "kv_cache must be float32 or bfloat16 [2, num_blocks, block_size, kv_heads, head_size]"
         )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
+
+
+def _elements(x: torch.Tensor, cache: torch.Tensor) -> np.ndarray[Any, Any]:
+    """``x`` in the cache's element type as numpy: float32, or bfloat16 bits as int16 (numba has
+    no bfloat16; the kernels widen them with a shift). Rounds to nearest even, as torch."""
+    if cache.dtype == torch.bfloat16:
+        return x.detach().to(torch.bfloat16).view(torch.int16).numpy()
+    return x.detach().to(torch.float32).numpy()
 
 
 def write_kv(
@@ -388,11 +425,11 @@ def write_kv(
         raise ValueError("key and value must be [num_tokens, num_kv_heads, head_size] of the cache")
     if key.shape[0] != slot_mapping.shape[0]:
         raise ValueError("slot_mapping needs one slot per token")
-    kv_rows = kv_cache.detach().numpy().reshape(2, -1, *kv_cache.shape[3:])
-    # Strided key/value rows are read in place: copying them first measured slower.
+    kv_rows = _elements(kv_cache, kv_cache).reshape(2, -1, *kv_cache.shape[3:])
+    # Strided float32 key/value rows are read in place: copying them first measured slower.
     args = (
-        key.detach().to(torch.float32).numpy(),
-        value.detach().to(torch.float32).numpy(),
+        _elements(key, kv_cache),
+        _elements(value, kv_cache),
         kv_rows,
         slot_mapping.to(torch.int64).contiguous().numpy(),
     )
@@ -418,7 +455,7 @@ def paged_attention(
         return out
     args = (
         q.numpy(),
-        kv_cache.detach().numpy(),
+        _elements(kv_cache, kv_cache),
         metadata.query_start_loc.to(torch.int32).contiguous().numpy(),
         metadata.seq_lens.to(torch.int32).contiguous().numpy(),
         metadata.block_tables.to(torch.int32).contiguous().numpy(),

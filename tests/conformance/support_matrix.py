@@ -35,8 +35,12 @@ def family_of(item: pytest.Item) -> tuple[str, str] | None:
         return f"{op}, fp8 KV cache", params["fp8_cache_case"][0]
     if "cache_case" in params:
         return item.name.split("[")[0].removeprefix("test_"), params["cache_case"][0]
-    if "arch" in params and item.name.startswith("test_fp8_kv_cache"):
-        return f"end-to-end greedy, fp8 KV cache = reference ({params['arch']})", "float32"
+    if "arch" in params and item.name.startswith("test_quantized_kv_cache"):
+        kv = params["kv_cache_dtype"]
+        return f"end-to-end greedy, {kv} KV cache = reference ({params['arch']})", "float32"
+    if "bf16_kv_case" in params:
+        op = item.name.split("[")[0].removeprefix("test_").removesuffix("_bf16_kv")
+        return f"{op}, bfloat16 KV cache", "float32"
     if "arch" in params:
         return f"end-to-end greedy = transformers ({params['arch']})", "float32"
     if "quant_case" in params:

@@ -170,26 +170,28 @@ def test_bfloat16_logprobs_close_to_float32(tiny: dict[str, Any], device: str) -
     assert worst <= BF16_LOGPROB_TOL, f"bfloat16 logprob differs from float32 by {worst:.3f}"
 
 
-def test_fp8_kv_cache_matches_reference(
-    tiny: dict[str, Any], device: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "bfloat16"])
+def test_quantized_kv_cache_matches_reference(
+    tiny: dict[str, Any], device: str, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
 ) -> None:
-    """Greedy decoding over an fp8 KV cache (float32 weights; eager and through the decode
-    runner, as the engine picks): the same tokens and logprobs as the pure-torch reference
-    backend over its fp8 cache, with a cached prefix and blocks of 4."""
+    """Greedy decoding over an fp8 or bfloat16 KV cache (float32 weights; eager and through the
+    decode runner, as the engine picks): the same tokens and logprobs as the pure-torch
+    reference backend over its cache of the same type, with a cached prefix and blocks of 4."""
     import torch
 
     from hwlm import registry
 
     backend = registry.select_backend(device)
-    if "fp8" not in backend.kv_cache_dtypes:
+    if kv_cache_dtype not in backend.kv_cache_dtypes:
         pytest.skip(f"{backend.name}: runs kv_cache_dtype {', '.join(backend.kv_cache_dtypes)}")
     monkeypatch.setitem(
         registry.BUILTIN_BACKENDS, "reference", "hwlm.backends.reference:ReferenceBackend"
     )
     prompts = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]  # the last two share a 40-token prefix
-    engine = dict(kv_cache_dtype="fp8", dtype="float32", block_size=4)
+    engine = dict(kv_cache_dtype=kv_cache_dtype, dtype="float32", block_size=4)
     llm, outputs = run_hwlm(tiny["path"], device, prompts, **engine)
-    assert llm.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    stored = {"fp8": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}[kv_cache_dtype]
+    assert llm.engine.runner.kv_caches[0].dtype == stored
     _, expected = run_hwlm(tiny["path"], "reference", prompts, **engine)
     for got, want in zip(outputs, expected, strict=True):
         tokens = want.outputs[0].token_ids
