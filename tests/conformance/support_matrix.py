@@ -17,8 +17,9 @@ Results = dict[tuple[str, str], list[tuple[str, str]]]  # (family, dtype) -> [(o
 HEADER = """# Support matrix
 
 Written by the conformance suite: `pytest tests/conformance --device DEVICE --support-matrix
-docs/support-matrix.md` fills the column of DEVICE and keeps the others. A cell says how many cases
-of that family passed, failed (FAIL), or were skipped with the backend's own reason.
+docs/support-matrix.md` fills the cells of DEVICE for every family the run reached and keeps the
+others (a run of one test file updates its own rows). A cell says how many cases of that family
+passed, failed (FAIL), or were skipped with the backend's own reason.
 """
 
 
@@ -104,16 +105,31 @@ def read_table(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     return devices, rows
 
 
+def read_column_notes(path: Path) -> dict[str, str]:
+    """Each device's line under "Columns" (``- `device`: when and how it was written``)."""
+    notes: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("- `") and "`:" in line:
+                notes[line[3 : line.index("`:")]] = line
+    return notes
+
+
 def write_matrix(path_name: str, device: str, results: Results) -> None:
+    """Writes ``device``'s cells of the families this run reached (a run of one test file
+    updates its rows only), keeps every other cell, and dates the device's line under
+    "Columns"."""
     path = Path(path_name)
     devices, rows = read_table(path)
+    notes = read_column_notes(path)
     if device not in devices:
         devices.append(device)
-    for row in rows.values():
-        row.pop(device, None)
     for (family, dtype), outcomes in results.items():
         rows.setdefault(f"{family} / {dtype}", {})[device] = cell(outcomes)
-    lines = [HEADER, f"Last written for `{device}` on {datetime.date.today().isoformat()}.", ""]
+    notes[device] = f"- `{device}`: {datetime.date.today().isoformat()}"
+    lines = [HEADER, "Columns, as last written:", ""]
+    lines += [notes[d] for d in devices if d in notes]
+    lines.append("")
     lines.append("| case family / dtype | " + " | ".join(devices) + " |")
     lines.append("|---" * (len(devices) + 1) + "|")
     for name in sorted(rows):
