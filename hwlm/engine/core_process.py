@@ -45,7 +45,6 @@ from hwlm.engine.messages import (
 
 logger = logging.getLogger(__name__)
 
-PROCESS_TITLE = "hwlm::engine"
 IDLE_POLL_MS = 1000  # the longest an idle engine waits before checking its parent and health
 LINGER_MS = 2000  # how long the last messages may take to leave when the engine exits
 
