@@ -167,8 +167,8 @@ def test_serve_flags() -> None:
 
 
 def test_per_core_metrics_only_with_several_cores() -> None:
+    from hwlm.engine.serving_metrics import MetricsSnapshot
     from hwlm.server.async_engine import EngineStats as ServerStats
-    from hwlm.server.metrics import MetricsSnapshot
     from hwlm.server.prometheus import metrics_registry, render_metrics
     from tests.server_helpers import metric, parse_metrics
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from hwlm.engine.serving_metrics import Histogram, ServingMetrics
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, EngineStats
-from hwlm.server.metrics import Histogram, ServingMetrics
 from hwlm.server.prometheus import metrics_registry, render_metrics
 from tests.server_helpers import metric, parse_metrics
 from tests.test_server import FakeEngine

@@ -56,9 +56,9 @@ from hwlm.engine.messages import (
     SamplingOptions,
     StepOutputs,
 )
+from hwlm.engine.serving_metrics import Histogram, MetricsSnapshot
 from hwlm.engine.stream_table import StreamTable, num_samples
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.metrics import Histogram, MetricsSnapshot
 
 logger = logging.getLogger(__name__)
 

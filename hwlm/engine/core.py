@@ -32,9 +32,9 @@ from hwlm.engine.messages import (
     RequestError,
     StepOutputs,
 )
+from hwlm.engine.serving_metrics import Histogram, ServingMetrics, finish_reason
 from hwlm.engine.turn_trace import TurnTrace
 from hwlm.sampling_params import ParameterError, SamplingParams
-from hwlm.server.metrics import Histogram, ServingMetrics, finish_reason
 
 if TYPE_CHECKING:
     from hwlm.engine.llm_engine import LLMEngine, RequestUpdate

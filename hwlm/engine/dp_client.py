@@ -25,10 +25,10 @@ from hwlm.engine.dp_balancer import DataParallelBalancer
 from hwlm.engine.dp_placement import plan_placements
 from hwlm.engine.dp_stats import merge_serving, merge_stats
 from hwlm.engine.messages import EngineInfo, EngineStats
+from hwlm.engine.serving_metrics import MetricsSnapshot
 from hwlm.engine.stream_table import num_samples
 from hwlm.engine_args import EngineArgs
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.metrics import MetricsSnapshot
 
 logger = logging.getLogger(__name__)
 

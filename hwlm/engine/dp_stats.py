@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hwlm.engine.messages import EngineStats, HistogramCounts
-from hwlm.server.metrics import MetricsSnapshot
+from hwlm.engine.serving_metrics import MetricsSnapshot
 
 _SUMMED = (
     "num_running",

@@ -206,7 +206,7 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
 
 
 class HistogramCounts(msgspec.Struct, array_like=True):
-    """A latency histogram; its bucket bounds are ``hwlm.server.metrics``' constants."""
+    """A latency histogram; its bucket bounds are ``hwlm.engine.serving_metrics``' constants."""
 
     counts: list[int]
     sum: float

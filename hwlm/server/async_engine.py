@@ -34,10 +34,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from hwlm.engine.client_stream import EngineDeadError, RequestFailedError
+from hwlm.engine.serving_metrics import ServingMetrics, finish_reason
 from hwlm.engine.stream_table import StreamTable, num_samples
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
-from hwlm.server.metrics import ServingMetrics, finish_reason
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hwlm.engine.serving_metrics import MetricsSnapshot
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import AsyncLLMEngine, EngineDeadError, EngineStats
-from hwlm.server.metrics import MetricsSnapshot
 from hwlm.server.seam_text import SeamText
 
 __all__ = ["EngineDeadError", "EngineSeam", "OutputStream", "Prompt", "Seam", "abort_all"]

@@ -25,12 +25,12 @@ from hwlm.engine.client_outputs import RequestOutputAssembler
 from hwlm.engine.dp_client import DataParallelEngineClient
 from hwlm.engine.messages import EngineStats as CoreStats
 from hwlm.engine.messages import RequestDelta
+from hwlm.engine.serving_metrics import MetricsSnapshot
 from hwlm.outputs import RequestOutput
 from hwlm.sampling_params import SamplingParams
 from hwlm.server.async_engine import EngineStats
 from hwlm.server.choice_stream import ChoiceFeed, ChoiceUpdate, Progress, text_delta
 from hwlm.server.engine_seam import OutputStream, Prompt, submit_all
-from hwlm.server.metrics import MetricsSnapshot
 from hwlm.server.seam_text import SeamText
 from hwlm.text.tokenizer import load_tokenizer
 

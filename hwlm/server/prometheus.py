@@ -37,8 +37,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from hwlm.engine.messages import EngineStats as CoreStats
+from hwlm.engine.serving_metrics import Histogram, MetricsSnapshot
 from hwlm.server.async_engine import EngineStats
-from hwlm.server.metrics import Histogram, MetricsSnapshot
 
 PREFIX = "hwlm:"
 FINISH_REASONS = ("stop", "length", "abort")
