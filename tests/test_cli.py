@@ -40,3 +40,24 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("hwlm: error:") and "does not exist" in err and "\n" not in err
+
+
+def test_python_m_from_a_checkout_does_not_shadow_the_kernels_distribution(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`python -m hwlm.cli` in the repository root: the root leaves sys.path (its kernels/
+    folder is hwlm.kernels, not the `kernels` package transformers imports); elsewhere the
+    working directory stays."""
+    import sys
+
+    from hwlm.cli.__main__ import unshadow_checkout
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", ["", str(root), "/somewhere/else"])
+    unshadow_checkout()
+    assert sys.path == ["/somewhere/else"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", "/somewhere/else"])
+    unshadow_checkout()
+    assert sys.path == ["", "/somewhere/else"]
