@@ -507,3 +507,63 @@ def test_a_bad_model_fails_start_up_in_one_line(device: str) -> None:
     assert "does not exist" in message and "\n" not in message
     assert time.monotonic() - start < 60
     assert set(engine_children()) <= others  # (an earlier test's engine may still be exiting)
+
+
+class _Transport(EngineClient):
+    """A client whose engine is this test: it records what is sent and is told what comes back."""
+
+    def __init__(self) -> None:
+        from hwlm.engine.messages import EngineInfo
+
+        info = EngineInfo(
+            model="m", tokenizer="m", architecture="a", backend="cpu", dtype="float32",
+            vocab_size=10, max_model_len=64, max_logprobs=-1, eos_token_ids=[], block_size=4,
+            num_kv_blocks=8, sampling_defaults={}, pid=0,
+        )  # fmt: skip
+        super().__init__(info)
+        self.sent: list[Any] = []
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        pass
+
+    def _send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def _alive(self) -> bool:
+        return True
+
+
+def test_waiting_sequences_follow_the_engines_count_and_what_it_cannot_see_yet() -> None:
+    """The estimate is the engine's waiting count (every API process's requests) plus this
+    client's requests on their way or accepted since those stats; running or finished samples
+    are not counted (before: every sample of an unfinished request that was not running)."""
+    from hwlm.engine.messages import Accepted, RequestError
+
+    async def scenario() -> list[int]:
+        client = _Transport()
+        seen = [client.num_waiting_sequences()]
+        add = asyncio.ensure_future(
+            client.add_request("a", [1, 2], SamplingParams(n=3, max_tokens=2))
+        )
+        await asyncio.sleep(0)
+        seen.append(client.num_waiting_sequences())  # on its way: 3
+        client._dispatch_all([Accepted(["a"])])
+        await add
+        seen.append(client.num_waiting_sequences())  # accepted, not in the stats yet: 3
+        client._dispatch_all([EngineStats(num_waiting_seqs=5)])  # it and another client's 2
+        seen.append(client.num_waiting_sequences())
+        client._dispatch_all([EngineStats(num_running_seqs=3, num_waiting_seqs=0)])
+        seen.append(client.num_waiting_sequences())  # all running: nothing waits
+        failed = asyncio.ensure_future(client.add_request("b", [1], SamplingParams(n=2)))
+        await asyncio.sleep(0)
+        seen.append(client.num_waiting_sequences())
+        client._dispatch_all([RequestError("b", "bad", "prompt")])
+        with pytest.raises(ParameterError):
+            await failed
+        seen.append(client.num_waiting_sequences())
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 3, 3, 5, 0, 2, 0]

@@ -84,6 +84,10 @@ class EngineClient(abc.ABC):
         self._error: EngineDeadError | None = None
         blocks = info.num_kv_blocks
         self._stats = EngineStats(num_blocks=blocks, num_free_blocks=blocks)
+        # Sequences the last stats cannot count yet (num_waiting_sequences): of requests sent
+        # and not yet accepted, by request id; and of those accepted since the last stats.
+        self._unaccepted: dict[str, int] = {}
+        self._accepted_since_stats = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
@@ -109,6 +113,7 @@ class EngineClient(abc.ABC):
             raise ValueError(f"request id {request_id!r} is already in use")
         request_stream = RequestStream(request_id, self._abort, num_samples(params))
         self._streams[request_id] = request_stream
+        self._unaccepted[request_id] = request_stream.num_seqs
         arrival = time.monotonic() if arrival_time is None else arrival_time
         options = SamplingOptions.from_params(params)
         try:
@@ -126,6 +131,7 @@ class EngineClient(abc.ABC):
             )
         except BaseException:
             self._streams.pop(request_id, None)
+            self._unaccepted.pop(request_id, None)
             raise
         try:
             await request_stream.wait_accepted()
@@ -194,10 +200,12 @@ class EngineClient(abc.ABC):
         return len(self._streams)
 
     def num_waiting_sequences(self) -> int:
-        """Sequences (max(n, best_of) per request) accepted or on their way that the scheduler
-        has not started, as of the last stats: a cheap estimate for admission control. The
-        finished samples of a request still running count as waiting until it ends."""
-        return max(0, self._streams.num_seqs - self._stats.num_running_seqs)
+        """Sequences (max(n, best_of) per request) waiting for the scheduler, for admission
+        control: the engine's own count as of its last stats (over all its clients: every API
+        process), plus this client's requests that count cannot include yet (on their way, or
+        accepted since). Samples that finished or run are not counted."""
+        pending = sum(self._unaccepted.values()) + self._accepted_since_stats
+        return self._stats.num_waiting_seqs + pending
 
     @abc.abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -246,13 +254,16 @@ class EngineClient(abc.ABC):
                 if stream is not None:
                     stream.put(delta)
         elif isinstance(message, EngineStats):
-            self._stats = message
+            self._stats = message  # made after every message before it: counts those requests
+            self._accepted_since_stats = 0
         elif isinstance(message, Accepted):
             for request_id in message.request_ids:
+                self._accepted_since_stats += self._unaccepted.pop(request_id, 0)
                 stream = self._streams.get(request_id)
                 if stream is not None:
                     stream.put(ACCEPTED)
         elif isinstance(message, RequestError):
+            self._unaccepted.pop(message.request_id, None)
             stream = self._streams.pop(message.request_id, None)
             if stream is not None:
                 stream.put(request_error(message))
@@ -294,6 +305,7 @@ class EngineClient(abc.ABC):
     def _fail_streams(self) -> None:
         streams = list(self._streams.values())
         self._streams.clear()
+        self._unaccepted.clear()
         for stream in streams:
             try:
                 stream.put(EngineDeadError(str(self._error)))

@@ -193,6 +193,7 @@ class EngineCore:
             num_running=len({s.request_id for s in e.scheduler.running}),
             num_waiting=len({s.request_id for s in e.scheduler.waiting}),
             num_running_seqs=e.scheduler.num_running_seqs(),
+            num_waiting_seqs=e.scheduler.num_waiting_seqs(),
             num_free_blocks=blocks.num_free_blocks,
             num_blocks=blocks.num_blocks,
             kv_cache_usage=blocks.usage(),

@@ -15,6 +15,7 @@ _SUMMED = (
     "num_running",
     "num_waiting",
     "num_running_seqs",
+    "num_waiting_seqs",
     "num_free_blocks",
     "num_blocks",
     "prefix_cache_queries",

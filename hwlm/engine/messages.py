@@ -221,6 +221,7 @@ class EngineStats(msgspec.Struct, tag=True, array_like=True, kw_only=True):
     num_running: int = 0  # requests
     num_waiting: int = 0
     num_running_seqs: int = 0  # sequences, counting the samples a running prompt will fork
+    num_waiting_seqs: int = 0  # the same for waiting requests (of every client of the core)
     num_free_blocks: int = 0
     num_blocks: int = 0
     kv_cache_usage: float = 0.0  # 0..1

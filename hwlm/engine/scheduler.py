@@ -88,6 +88,11 @@ class Scheduler:
         batch without waiting)."""
         return len(self.running) + sum(s.num_forks_left for s in self.running)
 
+    def num_waiting_seqs(self) -> int:
+        """Waiting sequences, counting the samples each will fork once it runs (a preempted
+        sequence waits again and counts here)."""
+        return len(self.waiting) + sum(s.num_forks_left for s in self.waiting)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
