@@ -81,6 +81,7 @@ class FakeEngine:
                 "waiting": [],
                 "num_preemptions": 0,
                 "num_running_seqs": lambda self: 0,
+                "num_waiting_seqs": lambda self: 0,
             },
         )()
         self.block_manager = type(

@@ -205,7 +205,12 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # guards _streams and _error
         self._streams: StreamTable[RequestStream] = StreamTable()
-        self._num_running_seqs = 0  # sequences the scheduler runs, as of the last step
+        # Admission's estimate (num_waiting_sequences), under _lock: the scheduler's waiting
+        # sequences as the engine thread last counted them, plus those of requests posted since
+        # that the count does not include yet.
+        self._num_waiting_seqs = 0
+        self._posted_seqs = 0
+        self._handled_seqs = 0  # engine thread: of the posted, handled since the last count
         if hasattr(engine, "isolate_request_errors"):
             engine.isolate_request_errors = True  # one request's failure fails only that one
         self._error: EngineDeadError | None = None
@@ -221,10 +226,11 @@ class AsyncLLMEngine:
         return self._error is None
 
     def num_waiting_sequences(self) -> int:
-        """Sequences (max(n, best_of) per request) accepted or on their way in that the
-        scheduler has not started: a cheap, lock-free estimate for admission control, refreshed
-        after every step."""
-        return max(0, self._streams.num_seqs - self._num_running_seqs)
+        """Sequences (max(n, best_of) per request) waiting for the scheduler, or on their way
+        to it, for admission control: the scheduler's count as of the engine thread's last look
+        (after its inbox and after every step), plus the requests posted since."""
+        with self._lock:
+            return self._num_waiting_seqs + self._posted_seqs
 
     async def add_request(
         self,
@@ -247,6 +253,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = request_stream
+            self._posted_seqs += request_stream.num_seqs
         self._post(_Add(request_stream, prompt, params, stream, time.monotonic(), priority, group))
         try:
             await request_stream.wait_accepted()
@@ -380,6 +387,7 @@ class AsyncLLMEngine:
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
+                self._count_waiting()
                 return
             if isinstance(command, _Add):
                 self._handle_add(command)
@@ -392,7 +400,17 @@ class AsyncLLMEngine:
                 except Exception as exc:
                     command.future.set_exception(exc)
 
+    def _count_waiting(self) -> None:
+        """Take the scheduler's waiting count (engine thread); the requests handled since the
+        last count are in it now (or were refused) and leave the posted total."""
+        waiting = self.engine.scheduler.num_waiting_seqs()
+        with self._lock:
+            self._num_waiting_seqs = waiting
+            self._posted_seqs -= self._handled_seqs
+            self._handled_seqs = 0
+
     def _handle_add(self, command: _Add) -> None:
+        self._handled_seqs += command.stream.num_seqs
         request_id = command.stream.request_id
         with self._lock:
             if self._streams.get(request_id) is not command.stream:
@@ -434,7 +452,7 @@ class AsyncLLMEngine:
                 self.metrics.on_finished(output.request_id, reason, now)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        self._num_running_seqs = self.engine.scheduler.num_running_seqs()
+        self._count_waiting()
         take_failed = getattr(self.engine, "take_failed_requests", None)
         for request_id, exc in take_failed() if take_failed is not None else []:
             self._fail_request(request_id, exc)
