@@ -13,14 +13,20 @@ Run: ``python -m hwlm.bench.kv_quality --model qwen2.5-0.5b --device cuda --dtyp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from dataclasses import asdict
 
 import torch
 
 from hwlm.backend import Backend
-from hwlm.bench.quality import QualityResult, compare, stream_logits, token_stream
+from hwlm.bench.quality import (
+    QualityResult,
+    add_stream_options,
+    compare,
+    load_format_for,
+    report,
+    stream_logits,
+    token_stream,
+)
 from hwlm.config import ModelConfig, kv_cache_torch_dtype, parse_dtype
 from hwlm.engine_args import KV_CACHE_DTYPES
 from hwlm.models.loader import load_model, resolve_model
@@ -67,33 +73,18 @@ def main(argv: list[str] | None = None) -> list[QualityResult]:
         choices=[k for k in KV_CACHE_DTYPES if k != "auto"],
     )
     parser.add_argument("--dtype", default="float32", help="the model's (and reference cache's)")
-    parser.add_argument("--num-tokens", type=int, default=512)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--load-format", default=None, help="default: dummy for a preset")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-json", help="write the results here")
+    add_stream_options(parser, device="cuda")
     args = parser.parse_args(argv)
-    from hwlm.presets import find_preset
-
-    load_format = args.load_format or ("dummy" if find_preset(args.model) else "auto")
     results = measure_kv_cache(
         args.model,
         args.kv_cache_dtype,
         args.num_tokens,
         args.device,
-        load_format,
+        load_format_for(args.model, args.load_format),
         args.seed,
         parse_dtype(args.dtype),
     )
-    for r in results:  # the command's output (as hwlm.bench.quality's)
-        print(
-            f"{r.model} {r.quantization}: mean KL {r.mean_kl:.3g} nats, max KL {r.max_kl:.3g}, "
-            f"top-1 agreement {100 * r.top1_agreement:.1f}% over {r.tokens} tokens "
-            f"(reference entropy {r.reference_entropy:.2f} nats)"
-        )
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
+    report(results, "reference entropy", args.output_json)
     return results
 
 

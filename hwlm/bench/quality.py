@@ -134,24 +134,39 @@ def main(argv: list[str] | None = None) -> list[QualityResult]:
         choices=QUANTIZATIONS,
         help="methods to measure (default: every method the device's backend runs)",
     )
+    add_stream_options(parser, device="cpu")
+    args = parser.parse_args(argv)
+    load_format = load_format_for(args.model, args.load_format)
+    methods = args.quantization or list(select_backend(args.device).quantizations)
+    results = measure(args.model, methods, args.num_tokens, args.device, load_format, args.seed)
+    report(results, "float model's entropy", args.output_json)
+    return results
+
+
+def add_stream_options(parser: argparse.ArgumentParser, device: str) -> None:
+    """The options of both quality commands (this one and ``hwlm.bench.kv_quality``)."""
     parser.add_argument("--num-tokens", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=device)
     parser.add_argument("--load-format", default=None, help="default: dummy for a preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", help="write the results here")
-    args = parser.parse_args(argv)
+
+
+def load_format_for(model: str, given: str | None) -> str:
+    """``given``, else dummy weights for a preset and the checkpoint's own otherwise."""
     from hwlm.presets import find_preset
 
-    load_format = args.load_format or ("dummy" if find_preset(args.model) else "auto")
-    methods = args.quantization or list(select_backend(args.device).quantizations)
-    results = measure(args.model, methods, args.num_tokens, args.device, load_format, args.seed)
+    return given or ("dummy" if find_preset(model) else "auto")
+
+
+def report(results: list[QualityResult], entropy_label: str, output_json: str | None) -> None:
+    """One line per result (the commands' output), and the results as JSON to ``output_json``."""
     for r in results:
         print(
-            f"{r.model} {r.quantization}: mean KL {r.mean_kl:.5f} nats, max KL {r.max_kl:.4f}, "
+            f"{r.model} {r.quantization}: mean KL {r.mean_kl:.3g} nats, max KL {r.max_kl:.3g}, "
             f"top-1 agreement {100 * r.top1_agreement:.1f}% over {r.tokens} tokens "
-            f"(float model's entropy {r.reference_entropy:.2f} nats)"
+            f"({entropy_label} {r.reference_entropy:.2f} nats)"
         )
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
+    if output_json:
+        with open(output_json, "w", encoding="utf-8") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
-    return results
