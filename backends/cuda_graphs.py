@@ -32,8 +32,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
-class DecodeGraphs:
-    """Implements ``hwlm.backend.DecodeRunner`` with one CUDA graph per captured batch size."""
+class PaddedDecodeRunner:
+    """Implements ``hwlm.backend.DecodeRunner`` over static input buffers: a step's inputs are
+    copied in, padded up to the next captured batch size, and that size's forward is replayed
+    (``_replay``). Subclasses say how a size is recorded and replayed."""
 
     def __init__(
         self,
@@ -58,6 +60,62 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        metadata = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+        ctx = ForwardContext(self.backend, self.kv_caches, metadata)
+        hidden: torch.Tensor = self.model(self.input_ids[:size], self.positions[:size], ctx)
+        return hidden
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """The forward of the first ``size`` rows of the static buffers."""
+        raise NotImplementedError
+
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        n = input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[:n].copy_(metadata.seq_lens)
+        self.seq_lens[n:size].fill_(0)
+        self.query_start_loc[: n + 1].copy_(metadata.query_start_loc)
+        self.query_start_loc[n + 1 : size + 1].fill_(n)  # padding rows: empty query ranges
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(metadata.block_tables)
+        return self._replay(size)[:n]
+
+
+class DecodeGraphs(PaddedDecodeRunner):
+    """One CUDA graph per captured batch size.
+
+    Under tensor parallelism every rank captures its own graphs, in the same order (largest
+    first), and a step replays the same size on every rank: the all-reduces and gathers of the
+    forward are recorded into each rank's graph (NCCL supports capture) and pair up at replay
+    as they do eagerly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: Backend,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> None:
+        super().__init__(model, backend, kv_caches, max_num_seqs, max_model_len)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -82,36 +140,6 @@ class DecodeGraphs:
         )
         return self
 
-    def _forward(self, size: int) -> torch.Tensor:
-        metadata = AttentionMetadata(
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-            slot_mapping=self.slot_mapping[:size],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-        )
-        ctx = ForwardContext(self.backend, self.kv_caches, metadata)
-        hidden: torch.Tensor = self.model(self.input_ids[:size], self.positions[:size], ctx)
-        return hidden
-
-    def fits(self, num_seqs: int) -> bool:
-        return num_seqs <= self.sizes[-1]
-
-    def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        n = input_ids.shape[0]
-        size = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
-        self.seq_lens[:n].copy_(metadata.seq_lens)
-        self.seq_lens[n:size].fill_(0)
-        self.query_start_loc[: n + 1].copy_(metadata.query_start_loc)
-        self.query_start_loc[n + 1 : size + 1].fill_(n)  # padding rows: empty query ranges
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(metadata.block_tables)
+    def _replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return self.outputs[size]

@@ -87,6 +87,37 @@ def test_two_ranks_give_the_outputs_of_one(models: dict[str, Path], arch: str) -
                 assert b[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
 
 
+def test_every_rank_replays_the_decode_runner_of_rank_0(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-rank decode runners (CUDA graphs on GPUs): each rank captures the same batch sizes
+    in the same order and replays the same size for every decode step, padded alike (the
+    replays run collectives, so a rank that ran eagerly or padded differently would hang or
+    fail). ``cpu-replay`` is the cpu backend with a runner that logs, per process, what it
+    captured and replayed."""
+    from tests.plugins.example_backend import install_entry_points
+
+    install_entry_points(str(tmp_path / "site"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    logs = tmp_path / "replays"
+    logs.mkdir()
+    monkeypatch.setenv("HWLM_TEST_REPLAY_LOG", str(logs))
+    with engine(models["llama"]) as whole:
+        want = tokens(generate(whole))
+    settings = dict(device="cpu-replay", tensor_parallel_size=2, max_num_seqs=5)
+    with engine(models["llama"], **settings) as split:
+        got = tokens(generate(split))
+    assert got == want
+    records = [path.read_text().splitlines() for path in sorted(logs.glob("*.log"))]
+    assert len(records) == 2  # rank 0 and its worker, each its own process
+    assert records[0] == records[1]
+    captures = [line for line in records[0] if line.startswith("capture")]
+    replays = [line for line in records[0] if line.startswith("replay")]
+    assert captures == ["capture 5", "capture 4", "capture 2", "capture 1"]
+    # Three prompts, nine decode steps each, run as batches of three padded to four.
+    assert replays == ["replay 4"] * (GREEDY.max_tokens - 1)
+
+
 def test_indivisible_heads_are_one_clear_error(models: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 .*num_attention_heads 4"):
         LLM(str(models["llama"]), **ENGINE, tensor_parallel_size=3)

@@ -116,6 +116,13 @@ class Executor:
         name = str(dtype).removeprefix("torch.")
         self._send([steps.KV_CACHE, num_blocks, block_size, name])
 
+    def capture_decode(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Have every worker capture its backend's decode runner over its cache, as rank 0
+        does next with its own: the captures run collectives, so every rank captures the
+        same batch sizes in the same order, and later replays the same one for a step."""
+        self.check_alive()
+        self._send([steps.CAPTURE, max_num_seqs, max_model_len])
+
     def min_memory_budget(self, budget: int, memory_utilization: float) -> int:
         """The smallest KV budget over the ranks (rank 0's is ``budget``): every rank holds
         the same blocks."""

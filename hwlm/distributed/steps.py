@@ -20,6 +20,7 @@ LOGITS = 1  # rows, hidden size: the rows' hidden states follow by broadcast
 KV_CACHE = 2  # num_blocks, block_size, dtype name: allocate the KV cache (replacing the last)
 BUDGET = 3  # memory_utilization: all-reduce the smallest KV budget in bytes
 STOP = 4
+CAPTURE = 5  # max_num_seqs, max_model_len: capture the decode runner (CUDA graphs) over the cache
 
 
 def pack_step(

@@ -22,8 +22,8 @@ import msgspec
 import torch
 import zmq
 
-from hwlm.attention import ForwardContext
-from hwlm.backend import Backend
+from hwlm.attention import AttentionMetadata, ForwardContext
+from hwlm.backend import Backend, DecodeRunner
 from hwlm.distributed import steps
 from hwlm.distributed.parallel_state import ParallelGroup, join_group, new_store
 from hwlm.engine_args import EngineArgs
@@ -123,6 +123,7 @@ class _WorkerLoop:
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.kv_caches: list[torch.Tensor] = []
+        self.decode_runner: DecodeRunner | None = None
         self._poller = zmq.Poller()
         self._poller.register(control, zmq.POLLIN)
         parent = multiprocessing.parent_process()
@@ -147,21 +148,38 @@ class _WorkerLoop:
             ids, pos, metadata, copies = steps.unpack_step(message, self.group.broadcast(payload))
             if copies:
                 self.backend.copy_blocks(self.kv_caches, copies)
-            self.model(ids, pos, ForwardContext(self.backend, self.kv_caches, metadata))
+            self._forward(ids, pos, metadata)
         elif kind == steps.LOGITS:
             _, rows, hidden_size = message
             hidden = torch.empty(rows, hidden_size, dtype=self.dtype, device=self.backend.device)
             self.model.compute_logits(self.group.broadcast(hidden))
         elif kind == steps.KV_CACHE:
             _, num_blocks, block_size, dtype_name = message
-            self.kv_caches = []  # free the last cache first
+            self.kv_caches, self.decode_runner = [], None  # free the last cache first
             self.kv_caches = allocate_shard_kv_cache(
                 self.backend, self.model, num_blocks, block_size, getattr(torch, dtype_name)
+            )
+        elif kind == steps.CAPTURE:
+            _, max_num_seqs, max_model_len = message
+            self.decode_runner = self.backend.capture_decode(
+                self.model, self.kv_caches, max_num_seqs, max_model_len
             )
         elif kind == steps.BUDGET:
             self.group.all_reduce_min(self.backend.memory_budget(float(message[1])))
         else:
             raise ValueError(f"unknown message kind {kind!r} from rank 0")
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> None:
+        """The step's forward, replayed from the decode runner exactly when rank 0 replays
+        its own (``ModelRunner._replays_graph``): the same header gives the same choice, so
+        both run the same collectives."""
+        runner = self.decode_runner
+        if runner is not None and metadata.max_query_len == 1 and runner.fits(metadata.num_seqs):
+            runner.run(input_ids, positions, metadata)
+        else:
+            self.model(input_ids, positions, ForwardContext(self.backend, self.kv_caches, metadata))
 
     def _receive(self) -> list[Any] | None:
         """The next message from rank 0; None when the engine has gone."""

@@ -73,10 +73,15 @@ class ModelRunner:
     def attach_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Use ``kv_caches`` from now on, and capture the decode graphs over them."""
         self.kv_caches = kv_caches
-        if not self.config.enforce_eager and self.executor is None:  # TP: eager (for now)
-            self.decode_runner = self.backend.capture_decode(
-                self.model, kv_caches, self.config.max_num_seqs, self.config.max_model_len
-            )
+        self.decode_runner = None
+        if self.config.enforce_eager:
+            return
+        max_num_seqs, max_model_len = self.config.max_num_seqs, self.config.max_model_len
+        if self.executor is not None:  # every rank captures its own, alongside
+            self.executor.capture_decode(max_num_seqs, max_model_len)
+        self.decode_runner = self.backend.capture_decode(
+            self.model, kv_caches, max_num_seqs, max_model_len
+        )
 
     def launch(self, batch: ScheduledBatch) -> SampledBatch | None:
         """Queue one step on the device: inputs, forward, logits and sampling. Returns the

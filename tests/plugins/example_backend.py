@@ -137,6 +137,7 @@ ENTRY_POINTS = {
     "example-bad-write": "tests.plugins.example_backend:WritesOutsideSlots",
     "example-old": "tests.plugins.example_backend:OldInterface",
     "example-accelerator": "tests.plugins.example_backend:AcceleratorLike",
+    "cpu-replay": "tests.plugins.replay_backend:ReplayingCPUBackend",
 }
 
 
