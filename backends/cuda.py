@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from hwlm.attention import AttentionMetadata
-from hwlm.backend import Backend, DecodeRunner, ProbeResult, QuantizedLinear
+from hwlm.backend import Backend, DecodeRunner, ProbeResult, QuantizedLinear, StepRunner
 from hwlm.engine.transfer import HostCopy, PinnedHostCopy, pinned_buffer, pinned_upload
 
 if TYPE_CHECKING:
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from hwlm.models.quantized_weight import PrequantizedWeight
 
 MAX_HEAD_SIZE = 256
+# The largest (padded) step recorded as piecewise CUDA graphs (``capture_steps``); 0 records
+# none (every prefill and mixed step eager).
+PIECEWISE_MAX_TOKENS = int(os.environ.get("HWLM_PIECEWISE_MAX_TOKENS", "2048"))
 
 
 def _nvidia_gpus(proc_dir: str = "/proc/driver/nvidia/gpus") -> list[str]:
@@ -244,6 +247,19 @@ class CUDABackend(Backend):
         from .cuda_graphs import DecodeGraphs
 
         return DecodeGraphs(model, self, kv_caches, max_num_seqs, max_model_len).capture()
+
+    def capture_steps(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        token_sizes: tuple[int, ...],
+    ) -> StepRunner | None:
+        """Piecewise CUDA graphs (attention left eager) for steps of up to
+        ``PIECEWISE_MAX_TOKENS`` tokens: above that a step's GPU time dwarfs its launches."""
+        from .cuda_piecewise import PiecewiseGraphs
+
+        sizes = tuple(n for n in token_sizes if n <= PIECEWISE_MAX_TOKENS)
+        return PiecewiseGraphs(model, self, kv_caches, sizes).capture() if sizes else None
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -16,7 +16,7 @@ token's flat slot ``block * block_size + offset`` (or -1: write nothing).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -59,3 +59,22 @@ class ForwardContext:
     backend: Backend
     kv_caches: list[torch.Tensor]  # one per layer, layout above
     metadata: AttentionMetadata
+    # Set while a backend records the forward in pieces around attention (CUDA graphs of
+    # mixed steps): each attention layer hands its inputs over instead of attending.
+    pieces: AttentionSplit | None = None
+
+
+class AttentionSplit(Protocol):
+    def split(
+        self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """What ``layer.attend(q, k, v, ctx)`` returns, as the next piece will read it."""
+        ...
+
+
+class AttentionLayer(Protocol):
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """Store the step's keys/values, then attend: [n, heads * d]."""
+        ...

@@ -98,6 +98,21 @@ class DecodeRunner(Protocol):
         ...
 
 
+class StepRunner(Protocol):
+    """Runs the model's forward for steps of any shape (prefill, mixed) whose token count, as
+    the engine pads it (``Backend.eager_token_buckets``), is one the runner prepared."""
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` (padded) tokens can run here."""
+        ...
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The model's hidden states ``[num_tokens, hidden]``, as ``model(...)`` would return."""
+        ...
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     available: bool
@@ -266,6 +281,17 @@ class Backend(ABC):
     ) -> DecodeRunner | None:
         """A faster path for decode steps of up to ``max_num_seqs`` sequences, or None (the
         default: every step runs the model eagerly)."""
+        return None
+
+    def capture_steps(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        token_sizes: tuple[int, ...],
+    ) -> StepRunner | None:
+        """A faster path for the steps ``capture_decode`` does not take (prefills, decodes
+        beside a prefill), for some of ``token_sizes`` (the padded token counts the engine
+        sends), or None (the default: those steps run the model eagerly)."""
         return None
 
     def bind_rank(self, local_rank: int, local_world_size: int) -> None:

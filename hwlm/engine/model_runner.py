@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hwlm.attention import AttentionMetadata, ForwardContext
-from hwlm.backend import Backend, DecodeRunner
+from hwlm.backend import Backend, DecodeRunner, StepRunner
 from hwlm.config import EngineConfig
 from hwlm.engine.scheduler import ScheduledBatch
 from hwlm.engine.sequence import Sequence
@@ -66,6 +66,7 @@ class ModelRunner:
         self.sampler = Sampler(backend.greedy_sample, backend)
         self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
         self.decode_runner: DecodeRunner | None = None
+        self.step_runner: StepRunner | None = None  # other steps (prefills, mixed)
         # Eager steps' row counts are padded up to these (``Backend.eager_token_buckets``).
         self.token_buckets = backend.eager_token_buckets(config.max_num_batched_tokens)
         backend.prepare_model(model)
@@ -73,7 +74,7 @@ class ModelRunner:
     def attach_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Use ``kv_caches`` from now on, and capture the decode graphs over them."""
         self.kv_caches = kv_caches
-        self.decode_runner = None
+        self.decode_runner = self.step_runner = None
         if self.config.enforce_eager:
             return
         max_num_seqs, max_model_len = self.config.max_num_seqs, self.config.max_model_len
@@ -82,6 +83,8 @@ class ModelRunner:
         self.decode_runner = self.backend.capture_decode(
             self.model, kv_caches, max_num_seqs, max_model_len
         )
+        if self.executor is None:  # TP: eager mixed steps (workers capture no pieces yet)
+            self.step_runner = self.backend.capture_steps(self.model, kv_caches, self.token_buckets)
 
     def launch(self, batch: ScheduledBatch) -> SampledBatch | None:
         """Queue one step on the device: inputs, forward, logits and sampling. Returns the
@@ -198,6 +201,8 @@ class ModelRunner:
         if self._replays_graph(metadata.max_query_len, metadata.num_seqs):
             assert self.decode_runner is not None
             return self.decode_runner.run(inputs.input_ids, inputs.positions, metadata)
+        if self.step_runner is not None and self.step_runner.fits(inputs.input_ids.shape[0]):
+            return self.step_runner.run(inputs.input_ids, inputs.positions, metadata)
         ctx = ForwardContext(self.backend, self.kv_caches, metadata)
         hidden: torch.Tensor = self.model(inputs.input_ids, inputs.positions, ctx)
         return hidden

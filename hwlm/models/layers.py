@@ -136,6 +136,13 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         """q [n, heads, d], k/v [n, kv_heads, d] (contiguous) -> [n, heads * d]."""
+        if ctx.pieces is not None:  # recorded in pieces: attention runs between them
+            return ctx.pieces.split(self, q, k, v)
+        return self.attend(q, k, v, ctx)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         cache = ctx.kv_caches[self.layer_idx]
         md = ctx.metadata
         if cache.dtype == torch.float8_e4m3fn:  # only backends that run fp8 see the scales
