@@ -45,6 +45,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="conformance: write (merge) this device's column of the support matrix into PATH",
     )
+    parser.addoption(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="conformance end-to-end tests: run the --device engines split over this many ranks",
+    )
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_size(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--tensor-parallel-size"))
 
 
 @pytest.fixture(scope="session")

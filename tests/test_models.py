@@ -328,6 +328,7 @@ EXPECTED_PRESETS = {
     "qwen2.5-0.5b": ("qwen2", 24, 896, 14, 2, 64, 151936, True, torch.bfloat16),
     "qwen3-0.6b": ("qwen3", 28, 1024, 16, 8, 128, 151936, True, torch.bfloat16),
     "llama-3-8b": ("llama", 32, 4096, 32, 8, 128, 128256, False, torch.bfloat16),
+    "llama-3-70b": ("llama", 80, 8192, 64, 8, 128, 128256, False, torch.bfloat16),
     "opt-125m": ("opt", 12, 768, 12, 12, 64, 50272, True, torch.float16),
     "c1-llama": ("llama", 12, 768, 12, 4, 64, 32000, False, torch.float32),
     "hwlm-tiny": ("llama", 4, 256, 4, 2, 64, 1024, False, torch.float32),

@@ -35,6 +35,7 @@ _PRESETS = [
     Preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"),
     Preset("qwen3-0.6b", "Qwen/Qwen3-0.6B"),
     Preset("llama-3-8b", "meta-llama/Meta-Llama-3-8B"),
+    Preset("llama-3-70b", "meta-llama/Meta-Llama-3-70B"),
     Preset("opt-125m", "facebook/opt-125m"),
     Preset("c1-llama", None),
     Preset(TINY_MODEL, None),

@@ -104,6 +104,7 @@ SPECS: dict[str, TokenizerSpec] = {
         chat_template=PLAIN,
     ),
 }
+SPECS["llama-3-70b"] = SPECS["llama-3-8b"]  # one tokenizer for the Llama 3 family
 
 
 def tokenizer_path(model: str) -> Path | None:

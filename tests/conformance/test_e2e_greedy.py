@@ -1,7 +1,10 @@
 """hwlm's greedy tokens equal transformers' greedy generate, and the chosen tokens' logprobs
 agree within 1e-4 (float32), for every architecture, under every KV-cache mode; eagerly and
 through the backend's decode runner (CUDA graphs on a GPU). In bfloat16, on backends that have
-it, logprobs agree with transformers' float32 within BF16_LOGPROB_TOL nats."""
+it, logprobs agree with transformers' float32 within BF16_LOGPROB_TOL nats.
+
+``--tensor-parallel-size N`` runs every engine of the tested device split over N ranks (the
+multi-GPU check: the same tokens and tolerances as one rank)."""
 
 from __future__ import annotations
 
@@ -54,8 +57,23 @@ def tiny(arch: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"arch": arch, "path": str(folder), "expected": expected}
 
 
+_SPLIT: dict[str, int] = {}  # the tested device -> its tensor_parallel_size
+
+
+@pytest.fixture(autouse=True)
+def _split_engines(device: str, tensor_parallel_size: int) -> None:
+    _SPLIT.clear()
+    _SPLIT[device] = tensor_parallel_size
+
+
+def new_llm(path: str, device: str, **engine: Any) -> LLM:
+    """An engine on ``device``, split as ``--tensor-parallel-size`` asks if it is the tested one
+    (a reference run stays whole)."""
+    return LLM(path, device=device, tensor_parallel_size=_SPLIT.get(device, 1), **engine)
+
+
 def run_hwlm(path: str, device: str, prompts: list[list[int]], **engine: Any) -> tuple[LLM, list]:
-    llm = LLM(path, device=device, seed=0, **engine)
+    llm = new_llm(path, device, seed=0, **engine)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return llm, outputs
@@ -108,9 +126,7 @@ def test_greedy_equals_transformers(tiny: dict[str, Any], mode: str, device: str
 def test_prefix_caching_reuses_shared_prefix(
     tiny: dict[str, Any], enable_prefix_caching: bool, device: str
 ) -> None:
-    llm = LLM(
-        tiny["path"], device=device, block_size=4, enable_prefix_caching=enable_prefix_caching
-    )
+    llm = new_llm(tiny["path"], device, block_size=4, enable_prefix_caching=enable_prefix_caching)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     first = llm.generate([{"prompt_token_ids": PROMPTS[5]}], params, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[6:]], params, use_tqdm=False)
@@ -131,7 +147,7 @@ def test_stops_at_eos_like_transformers(tmp_path: Path, device: str) -> None:
     from transformers import GenerationConfig
 
     model = build_tiny_model("llama", tmp_path)
-    llm = LLM(str(tmp_path), device=device)
+    llm = new_llm(str(tmp_path), device)
     # make EOS the model's greedy choice after a few tokens: pick a prompt, and use as EOS the
     # token transformers generates third
     prompt = PROMPTS[3]
@@ -154,7 +170,7 @@ def test_bfloat16_logprobs_close_to_float32(tiny: dict[str, Any], device: str) -
     backend = select_backend(device)
     if torch.bfloat16 not in backend.supported_dtypes:
         pytest.skip(f"{backend.name} has no bfloat16")
-    llm = LLM(tiny["path"], device=device, dtype="bfloat16")
+    llm = new_llm(tiny["path"], device, dtype="bfloat16")
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     compared = worst = 0.0
