@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hwlm.backend import Backend, DecodeRunner, ProbeResult
+from hwlm.backend import Backend, DecodeRunner, ProbeResult, StepRunner
 from hwlm.engine.transfer import HostCopy
 
 from .cuda import CUDABackend
@@ -54,6 +54,14 @@ class TritonInterpreterBackend(CUDABackend):
         max_model_len: int,
     ) -> DecodeRunner | None:
         return None  # CUDA graphs need a GPU; every step runs eagerly
+
+    def capture_steps(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        token_sizes: tuple[int, ...],
+    ) -> StepRunner | None:
+        return None  # as capture_decode: no graphs without a GPU
 
     def synchronize(self) -> None:
         return None
