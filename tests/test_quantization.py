@@ -244,3 +244,42 @@ def test_quantization_flag() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "int3"])
     assert EngineArgs(model="m", quantization="int8").quantization == "int8"
+
+
+_POOL_SCRIPT = """
+import sys, torch
+from hwlm.backends import cpu_quant
+g = torch.Generator().manual_seed(5)
+w, x = torch.randn(72, 256, generator=g) * 0.05, torch.randn(3, 256, generator=g)
+kernel = cpu_quant.quantized_linear(w, None, "int4")
+torch.save(kernel(x), sys.argv[1])
+print(cpu_quant.ort_pool(), cpu_quant._shared_pool() if cpu_quant.ort_pool() == "shared" else "-")
+"""
+
+
+@pytest.mark.parametrize("pool", ["session", "shared"])
+def test_ort_pool_option_gives_the_same_outputs(
+    pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HWLM_CPU_ORT_POOL=shared (ORT's process-wide pool, made before ORT's environment, so in a
+    fresh process) computes what per-session pools compute."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(cpu_quant.POOL_ENV, pool)
+    out = tmp_path / "y.pt"
+    run = subprocess.run(
+        [sys.executable, "-c", _POOL_SCRIPT, str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ([pool, "True"] if pool == "shared" else [pool, "-"])
+    monkeypatch.setenv(cpu_quant.POOL_ENV, "session")
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(72, 256, generator=g) * 0.05, torch.randn(3, 256, generator=g)
+    assert torch.equal(torch.load(out), cpu_quant.quantized_linear(w, None, "int4")(x))
+
+
+def test_ort_pool_option_rejects_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_quant.POOL_ENV, "global")
+    with pytest.raises(ValueError, match="HWLM_CPU_ORT_POOL must be one of session, shared"):
+        cpu_quant.session_options()
