@@ -28,8 +28,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=384)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantization", help="fp8 or int4 weights (default: as stored)")
+    parser.add_argument("--modes", default="graphs-overlap,graphs,eager")
     args = parser.parse_args()
-    for eager, overlap in ((False, True), (False, False), (True, False)):
+    modes = {"graphs-overlap": (False, True), "graphs": (False, False), "eager": (True, False)}
+    for mode in args.modes.split(","):
+        eager, overlap = modes[mode]
         profile(args, eager, overlap)
 
 
@@ -42,6 +46,7 @@ def profile(args: argparse.Namespace, eager: bool, overlap: bool) -> None:
         max_model_len=args.context + 4 * args.steps + 8,
         enforce_eager=eager,
         async_scheduling=overlap,
+        quantization=args.quantization,
     )
     engine = llm.engine
     params = SamplingParams(temperature=1.0, max_tokens=3 * args.steps + 4, ignore_eos=True)
@@ -59,7 +64,10 @@ def profile(args: argparse.Namespace, eager: bool, overlap: bool) -> None:
         walls.append(time.perf_counter() - start)
     phases = {} if overlap else _phase_times(engine, args.steps)
     label = ("eager" if eager else "CUDA graphs") + (", overlapped steps" if overlap else "")
-    print(f"\n== {args.model}, decode batch {args.batch}, context ~{args.context}, {label}")
+    weights = args.quantization or "as stored"
+    print(
+        f"\n== {args.model} ({weights}), decode batch {args.batch}, context ~{args.context}, {label}"
+    )
     print(f"engine.step() wall: median {1e3 * statistics.median(walls):.2f} ms")
     for name, values in phases.items():
         print(f"  {name:<28} {1e3 * statistics.median(values):8.2f} ms (synchronised)")
@@ -116,7 +124,7 @@ def _kernel_breakdown(engine) -> None:  # noqa: ANN001
             group = "paged attention"
         elif "write_kv" in name:
             group = "write_kv"
-        elif "gemm" in name or "sm90" in name or "cutlass" in name or "nvjet" in name:
+        elif any(k in name for k in ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm")):
             group = "matmuls"
         else:
             group = "other (norms, rotary, activations, copies)"

@@ -283,3 +283,25 @@ def test_ort_pool_option_rejects_unknown_values(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(cpu_quant.POOL_ENV, "global")
     with pytest.raises(ValueError, match="HWLM_CPU_ORT_POOL must be one of session, shared"):
         cpu_quant.session_options()
+
+
+def test_bucket_warm_up_runs_quantized_layers(tiny: dict[str, Path]) -> None:
+    """The start-up pass over every dense shape at each token bucket (backends with
+    ``eager_token_buckets``, the cuda one) works on layers whose float weights were freed."""
+    llm = LLM(str(tiny["llama"]), quantization="int4", device="cpu", num_kv_blocks=16)
+    runner = llm.engine.runner
+    calls: list[int] = []
+    model = runner.model
+    assert isinstance(model, CausalLM)
+    layer = next(m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head)
+    kernel = layer.kernel
+    assert kernel is not None
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return kernel(x)
+
+    layer.kernel = counted
+    runner.token_buckets = (3, 8)
+    runner._warm_up_buckets()
+    assert calls == [3, 8]

@@ -294,9 +294,7 @@ class ModelRunner:
 
 def _linear_shape(layer: Linear) -> tuple[int, int, bool, bool]:
     """What a GEMM library's kernel choice for ``layer`` depends on besides the row count."""
-    weight = layer.weight
-    in_features = int(weight.shape[1]) if weight.dim() == 2 else -1
-    return in_features, int(weight.shape[0]), layer.bias is not None, layer.kernel is not None
+    return layer.in_features, layer.out_features, layer.bias is not None, layer.kernel is not None
 
 
 def _input_ids(

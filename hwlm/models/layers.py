@@ -41,6 +41,8 @@ class Linear(nn.Module):
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         out_features = sum(self.output_sizes)
+        # The shape stays known once ``quantize`` frees the float weight.
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
         self.kernel: LinearKernel | None = None
