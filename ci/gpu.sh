@@ -10,6 +10,7 @@
 #   bash ci/gpu.sh serve   # S1 and S2 through `hwlm serve`, with the load generator's ceiling
 #   bash ci/gpu.sh prof    # whole-workload and decode-step profiles
 #   bash ci/gpu.sh e2e g3  # any of: e2e engine ops g3 g2 g1 textcost s1 s2 profserve wl3 wl2
+#                          # structured int4decode
 #                          # profile3 profile; all
 #
 # REPEATS overrides the benchmarks' repeats, HF= drops G3's transformers baseline, OPS_LIMIT the
@@ -68,3 +69,9 @@ run_if profile 150 $py ci/profile_decode.py --model llama-3-8b --batch 256 --con
 run_if profile3 120 $py ci/profile_decode.py --model qwen2.5-0.5b --batch 256 --context 600
 run_if wl3 150 $py ci/profile_workload.py --workload g3 --runs 3
 run_if wl2 200 $py ci/profile_workload.py --workload g2 --runs 2
+# Structured outputs: G3 offline, unconstrained then with a JSON schema on every request, with
+# the engine's step phases timed.
+run_if structured 200 $py ci/profile_structured.py --device cuda
+# Llama-3-8B batch-1 decode with int4 (W4A16) weights: where a step's time goes.
+run_if int4decode 150 $py ci/profile_decode.py --model llama-3-8b --batch 1 --context 64 \
+    --steps 30 --quantization int4 --modes graphs

@@ -22,6 +22,7 @@ from hwlm import LLM, SamplingParams
 from hwlm.bench.datasets import random_token_prompts
 from hwlm.bench.structured import load_schema
 from hwlm.bench.throughput import WORKLOADS
+from hwlm.sampling.structured import MaskStats
 from hwlm.sampling_params import StructuredOutputsParams
 
 SECONDS: collections.Counter[str] = collections.Counter()
@@ -106,11 +107,14 @@ def main() -> None:
     constrained = [dataclasses.replace(p, structured_outputs=structured) for p in plain]
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], constrained[:2], use_tqdm=False)
     instrument(llm)
+    masks = llm.engine.runner.sampler.masks
     for name, params in (("unconstrained", plain), ("constrained", constrained)):
         run(llm, prompts, params)  # warm
         SECONDS.clear()
         CALLS.clear()
+        masks.stats = MaskStats()
         report(name, *run(llm, prompts, params))
+        print("   grammar work:", {k: round(v, 4) for k, v in masks.stats.as_dict().items()})
     spy = shutil.which("py-spy")
     if spy is None:
         return

@@ -300,14 +300,17 @@ def _shape_only(n: int, k: int) -> PackedWeight:
 
 
 def test_gemv_launch_choice_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Llama-3-8B's decode shapes on an H200 (132 SMs) need no split-K (it costs two extra
-    launches); a tiny layer does; HWLM_W4A16_GEMV overrides, and a malformed one is an error."""
+    """Llama-3-8B's decode shapes on an H200 (132 SMs) take the sweep's best launch (128
+    outputs, one group a tile, K split 8 ways); a layer with a short K is not split and narrows
+    its blocks instead; HWLM_W4A16_GEMV overrides, and a malformed one is an error."""
     from hwlm.kernels.triton.w4a16 import GEMV_ENV, choose_launch
 
     monkeypatch.delenv(GEMV_ENV, raising=False)
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         launch = choose_launch(_shape_only(n, k), 1, 132)
-        assert launch.split_k == 1 and n // launch.block_n >= 132, (n, k, launch)
+        assert launch == Launch(1, 128, 128, 8, 4, 3), (n, k, launch)
+    short = choose_launch(_shape_only(896, 896), 1, 132)
+    assert short.split_k == 1 and short.block_n == 16, short
     assert choose_launch(_shape_only(256, 8192), 1, 132).split_k > 1
     monkeypatch.setenv(GEMV_ENV, "8,256,2,2")
     assert choose_launch(_shape_only(256, 8192), 1, 132) == Launch(1, 8, 256, 2, 2)

@@ -13,7 +13,8 @@ row), so a word never spans two groups.
 Three paths, by the number of rows M:
 
 - ``_gemv_kernel`` (M <= ``GEMV_MAX_ROWS``; decode): no tensor cores. A program owns BLOCK_N
-  outputs of one row and a K range (split-K: partial sums added atomically into an fp32 buffer),
+  outputs of one row and a K range (split-K: partial sums added atomically into an fp32 buffer,
+  so the order of the additions, and the last bits of a sum, can vary from run to run),
   streams the packed words of its rows (contiguous along K, so each row reads whole cache lines),
   and keeps a [BLOCK_N, words] fp32 accumulator that is reduced once at the end. The weights
   are read once per row at half a byte each; compiled for sm_90 the loop takes 6-10
@@ -115,14 +116,15 @@ def dequantize_reference(w: PackedWeight) -> torch.Tensor:
 def choose_launch(w: PackedWeight, rows: int, num_sms: int) -> Launch:
     """Launch parameters for ``rows`` rows of ``w`` on a device with ``num_sms`` multiprocessors.
 
-    Starting points, not a measured optimum (ci/gpu_quant.sh sweeps the alternatives, and
-    ``HWLM_W4A16_GEMV`` overrides the GEMV's). The GEMV takes K tiles that hold one whole group
-    where it can (one scale per row and tile), the widest block of outputs (64, 32, else 16)
-    that still gives two programs per multiprocessor (compiled for sm_90, its loop takes about
-    7 instructions per weight at 64 outputs and 4 warps, 10 at 16), and splits K only when there
-    are fewer programs than multiprocessors, since split-K
-    adds two launches (zeroing the fp32 buffer, casting it), which at decode cost about as much
-    as a small layer's GEMV."""
+    The GEMV's come from the H200 sweep of ``ci/quant_kernels_bench.py --rows 1`` over
+    Llama-3-8B's shapes (docs/quantization.md; ``HWLM_W4A16_GEMV`` overrides them): K tiles that
+    hold one whole group where they can (one scale per row and tile), 128 outputs a program
+    (each activation a thread loads serves more rows), and K split into up to 8 ranges of at
+    least 4 tiles each. Split-K's two extra launches (zeroing the fp32 buffer, casting it) cost
+    less than the parallelism brings: the down projection (N 4096, K 14336) took 22.9 us split 8
+    ways against 45.3 unsplit at 16 outputs a program, the fused gate/up 40.2 against 45.9.
+    Narrower blocks are taken only when even the split leaves fewer programs than
+    multiprocessors."""
     per_word = w.per_word
     k = w.in_features
     if rows <= GEMV_MAX_ROWS:
@@ -134,15 +136,15 @@ def choose_launch(w: PackedWeight, rows: int, num_sms: int) -> Launch:
             if w.group_size % candidate == 0:
                 block_k = candidate
                 break
+        k_tiles = -(-k // block_k)
+        split = 1
+        while split < 8 and k_tiles // (split * 2) >= 4:
+            split *= 2
         block_n = 16
-        for wide in (64, 32):  # wider blocks give each thread more rows per activation load
-            if -(-w.out_features // wide) * rows >= 2 * num_sms:
+        for wide in (128, 64, 32):
+            if -(-w.out_features // wide) * rows * split >= num_sms:
                 block_n = wide
                 break
-        programs = -(-w.out_features // block_n) * rows
-        split = 1
-        while programs * split < num_sms and k // (split * 2) >= 4 * block_k:
-            split *= 2
         return Launch(1, block_n, block_k, split, num_warps=4, num_stages=3)
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_k = per_word * 16
