@@ -23,8 +23,24 @@ if TYPE_CHECKING:
 
 MAX_HEAD_SIZE = 256
 # The largest (padded) step recorded as piecewise CUDA graphs (``capture_steps``); 0 records
-# none (every prefill and mixed step eager).
-PIECEWISE_MAX_TOKENS = int(os.environ.get("HWLM_PIECEWISE_MAX_TOKENS", "2048"))
+# none (every prefill and mixed step eager). Unset: every step size up to the token budget.
+PIECEWISE_MAX_TOKENS_ENV = "HWLM_PIECEWISE_MAX_TOKENS"
+
+
+def piecewise_max_tokens() -> int | None:
+    """``HWLM_PIECEWISE_MAX_TOKENS`` (0: no piecewise graphs), or None (unset: no cap)."""
+    text = os.environ.get(PIECEWISE_MAX_TOKENS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"{PIECEWISE_MAX_TOKENS_ENV} must be a token count (0 for none), got {text!r}"
+        ) from None
+    return value
 
 
 def _nvidia_gpus(proc_dir: str = "/proc/driver/nvidia/gpus") -> list[str]:
@@ -254,11 +270,16 @@ class CUDABackend(Backend):
         kv_caches: list[torch.Tensor],
         token_sizes: tuple[int, ...],
     ) -> StepRunner | None:
-        """Piecewise CUDA graphs (attention left eager) for steps of up to
-        ``PIECEWISE_MAX_TOKENS`` tokens: above that a step's GPU time dwarfs its launches."""
+        """Piecewise CUDA graphs (attention left eager) for every step size, or those of up to
+        ``HWLM_PIECEWISE_MAX_TOKENS`` tokens. Every size, because an eager step is bound by its
+        ~1,000 launches even at thousands of tokens on a small model: a 3,584-token mixed step of
+        the Qwen2.5-0.5B shape took ~23 ms eager on the H200 and ~7 ms as graphs (S1's burst,
+        docs/benchmarks.md); recording the 12 sizes above 2,048 of an 8,192-token budget added
+        ~1 s at start-up."""
         from .cuda_piecewise import PiecewiseGraphs
 
-        sizes = tuple(n for n in token_sizes if n <= PIECEWISE_MAX_TOKENS)
+        cap = piecewise_max_tokens()
+        sizes = tuple(n for n in token_sizes if cap is None or n <= cap)
         return PiecewiseGraphs(model, self, kv_caches, sizes).capture() if sizes else None
 
     def synchronize(self) -> None:

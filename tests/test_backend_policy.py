@@ -194,3 +194,19 @@ def test_triton_interpreter_keeps_the_cpu_policy() -> None:
     host = torch.arange(3)
     assert interpreter.upload(host) is host
     assert isinstance(interpreter.start_host_copy([host]), CopyAtWait)
+
+
+def test_piecewise_graph_cap_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HWLM_PIECEWISE_MAX_TOKENS: unset records every step size, 0 none, a number caps them; a
+    malformed value is a one-line error naming the variable."""
+    from hwlm.backends.cuda import PIECEWISE_MAX_TOKENS_ENV, piecewise_max_tokens
+
+    monkeypatch.delenv(PIECEWISE_MAX_TOKENS_ENV, raising=False)
+    assert piecewise_max_tokens() is None
+    for text, value in (("0", 0), ("2048", 2048), (" 512 ", 512)):
+        monkeypatch.setenv(PIECEWISE_MAX_TOKENS_ENV, text)
+        assert piecewise_max_tokens() == value
+    for bad in ("-1", "2k"):
+        monkeypatch.setenv(PIECEWISE_MAX_TOKENS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{PIECEWISE_MAX_TOKENS_ENV} must be a token count"):
+            piecewise_max_tokens()
