@@ -44,6 +44,11 @@ fi
     --result-filename "$OUT/s1-serve.json"
 [[ -n ${TRACE:-} ]] && python3 ci/engine_trace.py "$HWLM_ENGINE_TRACE" | tail -n 12
 [[ -n ${PROFILE:-} ]] && wait "$spy" && python3 ci/prof_summary.py "$OUT/prof-s1-engine.txt" engine
+# The offline figure is measured with the server gone: an idle server still holds its processes'
+# memory and threads, and on a GPU its share of the device.
+kill -TERM $server 2>/dev/null
+wait $server || true
+trap - EXIT
 echo "== offline, the saturation run's prompts"
 python3 ci/s1_offline.py --model "$MODEL" --device "$DEVICE" --num-prompts 200 --input-len 64 \
     --output-len 64 --seed 1 --output-json "$OUT/s1-offline.json"
