@@ -158,8 +158,8 @@ def _blocks(bits: int, block_size: int) -> Quantize:
 
 
 def session_options() -> Any:
-    """One thread pool per session (or the shared one, ``POOL_ENV``), as many threads as torch
-    uses, no spinning."""
+    """One thread pool per session, as many threads as torch uses, no spinning; or, with
+    ``HWLM_CPU_ORT_POOL=shared``, ORT's process-wide pool (whose workers spin)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
