@@ -236,6 +236,14 @@ class CUDABackend(Backend):
         tokens, logprobs = self._kernels.greedy_sample(logits, warp_size=self.warp_size)
         return tokens, logprobs
 
+    def masked_greedy_sample(
+        self, logits: torch.Tensor, words: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logprobs = self._kernels.masked_greedy_sample(
+            logits, words, warp_size=self.warp_size
+        )
+        return tokens, logprobs
+
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         self._kernels.copy_blocks(kv_caches, pairs)
 

@@ -2,7 +2,7 @@
 builtin JSON schema on every request, with the engine's step phases timed by wrappers (host
 seconds per step in each) and, when py-spy is on PATH, a profile of the constrained run.
 
-    python ci/profile_structured.py --device cuda [--schema builtin] [--out DIR]
+    python ci/profile_structured.py --device cuda [--schema builtin] [--rounds N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from hwlm.bench.datasets import random_token_prompts
 from hwlm.bench.structured import load_schema
 from hwlm.bench.throughput import WORKLOADS
 from hwlm.sampling.structured import MaskStats
+from hwlm.sampling.structured.bitmask import MaskJob
 from hwlm.sampling_params import StructuredOutputsParams
 
 SECONDS: collections.Counter[str] = collections.Counter()
@@ -53,8 +55,10 @@ def instrument(llm: LLM) -> None:
     timed(engine.scheduler, "schedule", "schedule")
     timed(runner, "prepare", "prepare inputs")
     timed(runner, "_forward", "queue forward")
-    timed(sampler, "_sample", "sample (incl. finish of step before + masks)")
-    timed(sampler.masks, "fill", "mask fill")
+    timed(sampler, "sample", "sample (queued at once)")
+    timed(sampler, "_end", "sample (queued after the masks)")
+    timed(sampler.masks, "_compute", "mask fill (on whichever thread fills)")
+    timed(MaskJob, "result", "wait for the mask thread")
     timed(engine, "_finish", "finish step (tokens to host, append, stops)")
     timed(engine, "_advance_grammars", "grammar advance")
     timed(engine, "_collect_outputs", "request outputs")
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--workload", default="g3")
     parser.add_argument("--schema", default="builtin")
     parser.add_argument("--num-prompts", type=int, default=0, help="default: the workload's")
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of the two runs")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = parser.parse_args()
     w = WORKLOADS[args.workload]
@@ -108,13 +113,21 @@ def main() -> None:
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], constrained[:2], use_tqdm=False)
     instrument(llm)
     masks = llm.engine.runner.sampler.masks
-    for name, params in (("unconstrained", plain), ("constrained", constrained)):
-        run(llm, prompts, params)  # warm
-        SECONDS.clear()
-        CALLS.clear()
-        masks.stats = MaskStats()
-        report(name, *run(llm, prompts, params))
-        print("   grammar work:", {k: round(v, 4) for k, v in masks.stats.as_dict().items()})
+    rates: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+    for _ in range(args.rounds):
+        for name, params in (("unconstrained", plain), ("constrained", constrained)):
+            run(llm, prompts, params)  # warm
+            SECONDS.clear()
+            CALLS.clear()
+            masks.stats = MaskStats()
+            seconds, tokens = run(llm, prompts, params)
+            rates[name].append(tokens / seconds)
+            report(name, seconds, tokens)
+            print("   grammar work:", {k: round(v, 4) for k, v in masks.stats.as_dict().items()})
+    free, bound = (statistics.median(rates[k]) for k in ("unconstrained", "constrained"))
+    print(
+        f"== medians: unconstrained {free:,.0f}, constrained {bound:,.0f} tok/s: {bound / free:.2f}x"
+    )
     spy = shutil.which("py-spy")
     if spy is None:
         return

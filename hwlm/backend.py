@@ -12,8 +12,8 @@ A backend is a class (one instance per device) with a handful of members:
 - ``kv_cache_dtypes``: the ``kv_cache_dtype`` settings a backend runs; "auto" (the model's dtype)
   everywhere, "fp8" (float8_e4m3fn with per-layer ``k_scale``/``v_scale``, passed to
   ``write_kv`` and ``attention`` only for an fp8 cache) where listed; ``check`` refuses others.
-- ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary`` and ``greedy_sample``: optional
-  fused ops; the defaults here are portable torch.
+- ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary``, ``greedy_sample`` and
+  ``masked_greedy_sample``: optional fused ops; the defaults here are portable torch.
 - ``prepare_model(model)``: optional, called once after the weights are loaded; a backend may
   hand the model's dense layers to faster kernels (the CPU backend repacks them for oneDNN).
 - ``quantizations`` and ``quantized_linear(weight, bias, method)``: optional, the weight
@@ -248,6 +248,19 @@ class Backend(ABC):
         from hwlm.sampling.sampler import greedy_in_torch
 
         return greedy_in_torch(logits)
+
+    def masked_greedy_sample(
+        self, logits: torch.Tensor, words: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``greedy_sample`` over the tokens each row's grammar allows, for a batch whose rows
+        all sample greedily and want nothing else: ``words`` int32 [rows, n] on the device, bit
+        ``j`` of word ``w`` allowing token ``32 * w + j`` (ids past the words are forbidden).
+        The log-probability is under the raw logits' softmax, as for every sampled token."""
+        from hwlm.sampling.structured.bitmask import allowed_tokens
+
+        raw = logits.float()
+        tokens = torch.where(allowed_tokens(words, raw.shape[1]), raw, float("-inf")).argmax(-1)
+        return tokens, raw.gather(1, tokens[:, None])[:, 0] - raw.logsumexp(dim=-1)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before the first forward; the default keeps torch's

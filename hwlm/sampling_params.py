@@ -160,6 +160,12 @@ class SamplingParams:
     def argmax_only(self) -> bool:
         """Greedy, with no token controls, penalties or logprobs: the next token is the argmax
         of the raw logits."""
+        return self.argmax_within_grammar and self.structured_outputs is None
+
+    @property
+    def argmax_within_grammar(self) -> bool:
+        """``argmax_only`` but for a grammar: the next token is the argmax of the logits the
+        grammar allows (all of them without one)."""
         return (
             self.greedy
             and self.logprobs is None
@@ -168,7 +174,6 @@ class SamplingParams:
             and self.min_tokens == 0
             and not self.logit_bias
             and not self.has_penalties
-            and self.structured_outputs is None
         )
 
     @property

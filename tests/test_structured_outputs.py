@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any
 
 import jsonschema
@@ -24,6 +25,7 @@ from hwlm.engine.messages import AddRequest, SamplingOptions, input_decoder
 from hwlm.outputs import RequestOutput
 from hwlm.sampling.sampler import SampledBatch
 from hwlm.sampling.structured import StepBitmask, apply_bitmask, check
+from hwlm.sampling.structured.bitmask import BitmaskFiller
 from hwlm.sampling_params import ParameterError, StructuredOutputsParams
 
 pytest.importorskip("llguidance")
@@ -253,8 +255,7 @@ def test_chunked_prefill(cramped: LLM) -> None:
         _valid(text, SCHEMAS[2])
 
 
-@pytest.fixture(scope="module")
-def overlapped(device: str) -> LLM:
+def _small_engine(device: str, async_scheduling: bool) -> LLM:
     return LLM(
         "hwlm-tiny",
         device=device,
@@ -263,14 +264,25 @@ def overlapped(device: str) -> LLM:
         block_size=8,
         num_kv_blocks=512,
         max_num_batched_tokens=128,  # a cache nowhere near full: no drains for space
-        async_scheduling=True,
+        async_scheduling=async_scheduling,
     )
 
 
-def test_overlapped_steps_match_one_step_at_a_time(llm: LLM, overlapped: LLM) -> None:
+@pytest.fixture(scope="module")
+def overlapped(device: str) -> LLM:
+    return _small_engine(device, async_scheduling=True)
+
+
+@pytest.fixture(scope="module")
+def stepwise(device: str) -> LLM:
+    """One step at a time on every device (GPUs overlap steps by default)."""
+    return _small_engine(device, async_scheduling=False)
+
+
+def test_overlapped_steps_match_one_step_at_a_time(stepwise: LLM, overlapped: LLM) -> None:
     """Mixed constrained and free requests, seeded: the outputs do not depend on the batch, so
     overlapped steps must give exactly what one step at a time gives."""
-    assert not llm.engine.async_scheduling
+    assert not stepwise.engine.async_scheduling
     params = []
     for i in range(12):
         if i % 3 == 0:
@@ -278,7 +290,7 @@ def test_overlapped_steps_match_one_step_at_a_time(llm: LLM, overlapped: LLM) ->
         else:
             params.append(_json(SCHEMAS[i % len(SCHEMAS)], seed=i))
     prompts = [f"Request {i}" for i in range(12)]
-    a = llm.generate(prompts, params, use_tqdm=False)
+    a = stepwise.generate(prompts, params, use_tqdm=False)
     b = overlapped.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
     for i, out in enumerate(b):
@@ -288,18 +300,25 @@ def test_overlapped_steps_match_one_step_at_a_time(llm: LLM, overlapped: LLM) ->
 
 
 def test_a_constrained_batch_overlaps_its_steps(
-    llm: LLM, overlapped: LLM, monkeypatch: pytest.MonkeyPatch
+    stepwise: LLM, overlapped: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every request constrained, with forks (n=2) and a trigger: overlapped steps give what one
     step at a time gives, and a grammar no longer drains: step n + 1's forward is queued before
-    step n's tokens are read back (they advance the grammars before step n + 1's masks)."""
+    step n's tokens are read back (they advance the grammars before step n + 1's masks), and
+    the masks are filled on the mask thread, not the engine's."""
     engine = overlapped.engine
     events: list[str] = []
-    forward, to_output, must_drain = (
+    fillers: list[str] = []
+    forward, to_output, must_drain, compute = (
         engine.runner._forward,
         SampledBatch.to_output,
         engine._must_drain,
+        BitmaskFiller._compute,
     )
+
+    def logged_compute(self, *args):  # noqa: ANN001, ANN002, ANN202
+        fillers.append(threading.current_thread().name)
+        return compute(self, *args)
 
     def logged_forward(inputs):  # noqa: ANN001, ANN202
         events.append("forward")
@@ -317,16 +336,20 @@ def test_a_constrained_batch_overlaps_its_steps(
     monkeypatch.setattr(engine.runner, "_forward", logged_forward)
     monkeypatch.setattr(engine, "_must_drain", logged_must_drain)
     monkeypatch.setattr(SampledBatch, "to_output", logged_read)
+    monkeypatch.setattr(BitmaskFiller, "_compute", logged_compute)
     params = [_json(SCHEMAS[i % len(SCHEMAS)], seed=i, n=1 + i % 2) for i in range(8)]
     prompts = [f"Request {i}" for i in range(9)]
-    free = llm.generate(prompts[8:], SamplingParams(max_tokens=2, seed=9), use_tqdm=False)[0]
+    (free,) = stepwise.generate(prompts[8:], SamplingParams(max_tokens=2, seed=9), use_tqdm=False)
     trigger = StructuredOutputsParams(
         choice=["yes", "no"], after_token_ids=free.outputs[0].token_ids
     )
     params.append(SamplingParams(max_tokens=40, seed=9, structured_outputs=trigger))
-    a = llm.generate(prompts, params, use_tqdm=False)
+    a = stepwise.generate(prompts, params, use_tqdm=False)
+    assert fillers and set(fillers) == {threading.current_thread().name}
     events.clear()
+    fillers.clear()
     b = overlapped.generate(prompts, params, use_tqdm=False)
+    assert len(fillers) > 10 and all(name.startswith("hwlm-masks") for name in fillers)
     assert [[c.token_ids for c in o.outputs] for o in b] == [
         [c.token_ids for c in o.outputs] for o in a
     ]

@@ -35,7 +35,7 @@ from hwlm.registry import select_backend
 from hwlm.sampling.generation_config import load_sampling_defaults
 from hwlm.sampling.parallel_sampling import catch_up_forks, fork_ready_samples, reported_samples
 from hwlm.sampling.request_checks import check_params, tokenize_bad_words
-from hwlm.sampling.sampler import SampledBatch, SamplerOutput, TopLogprobs
+from hwlm.sampling.sampler import DeferredSamples, SamplerOutput, Samples, TopLogprobs
 from hwlm.sampling.stop_checker import check_stop
 from hwlm.sampling.structured.advance import advance_grammars
 from hwlm.sampling.structured.manager import StructuredOutputs
@@ -119,9 +119,7 @@ class LLMEngine:
             else self.backend.overlap_steps
         )
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not yet read back
-        # Updates of the step in flight when the next step's sampler finished it early (its
-        # grammars' masks need its tokens: ``_finish_before_masks``).
-        self._early_updates: list[RequestUpdate] = []
+        self.runner.defer_constrained_sampling = self.async_scheduling
         freeze_startup_heap()  # full collections would walk the model's objects mid-serving
 
     # Set-up -----------------------------------------------------------------------------------
@@ -330,8 +328,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None if batch.is_empty() else self._launch(batch)
         outputs = self._drain()
-        if self._early_updates:
-            outputs, self._early_updates = self._early_updates + outputs, []
+        if launched is not None and isinstance(launched.sampled, DeferredSamples):
+            launched.sampled.start_masks()  # the grammars have seen every token before it
         if self.async_scheduling:
             self._in_flight = launched
         elif launched is not None:
@@ -340,13 +338,10 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch) -> _LaunchedStep:
         """Queue ``batch`` on the device and advance every sequence as if it had run."""
+        # A forking parent completes its prompt in this step, so no mask being filled for the
+        # step before has its grammar (``DeferredSamples``): copying it is safe.
         parents = self._fork_samples(batch.seqs, batch.num_new_tokens)
-        sampler = self.runner.sampler
-        sampler.before_masks = self._finish_before_masks if self._in_flight is not None else None
-        try:
-            sampled = self.runner.launch(batch)
-        finally:
-            sampler.before_masks = None
+        sampled = self.runner.launch(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
         catch_up_forks(parents)
@@ -356,12 +351,6 @@ class LLMEngine:
             seq.num_pending_tokens += 1
             seq.pending_row = row
         return _LaunchedStep(batch.seqs, sampled)
-
-    def _finish_before_masks(self) -> None:
-        """Finish the step in flight once this step's forward is queued, before its grammars'
-        masks are filled (vLLM's way with async scheduling): the host reads the tokens back,
-        advances the grammars and fills the masks while the device runs the forward."""
-        self._early_updates.extend(self._drain())
 
     def _drain(self) -> list[RequestUpdate]:
         """Finish the step in flight, if any."""
@@ -373,8 +362,8 @@ class LLMEngine:
         a sampler that reads the generated tokens (penalties, bad words, min_tokens), a cache
         so full that scheduling might preempt a sequence with a token in flight, or a request
         over its share of the seats while another waits (``Scheduler.wants_seats_back``). A
-        grammar does not: the next step's sampler finishes ``step`` before filling its masks
-        (``_finish_before_masks``)."""
+        grammar does not: the next step samples only once ``step`` has advanced its grammars
+        and its masks are filled (``DeferredSamples``)."""
         if step.sampled is not None and any(
             _reads_output_tokens(s.params) for s in step.sampled.seqs
         ):
@@ -572,7 +561,7 @@ class RequestUpdate:
 @dataclass
 class _LaunchedStep:
     seqs: list[Sequence]  # the scheduled sequences
-    sampled: SampledBatch | None  # their samples, on the device
+    sampled: Samples | None  # their samples, on the device (or yet to be queued)
 
 
 def _reads_output_tokens(params: SamplingParams) -> bool:

@@ -24,7 +24,7 @@ from hwlm.engine.sequence import Sequence
 from hwlm.models import CausalLM
 from hwlm.models.layers import Linear
 from hwlm.sampling.prompt_logprobs import record_prompt_logprobs
-from hwlm.sampling.sampler import SampledBatch, Sampler
+from hwlm.sampling.sampler import Sampler, Samples
 from hwlm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -63,8 +63,12 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
-        self.sampler = Sampler(backend.greedy_sample, backend)
-        self._last_sampled: torch.Tensor | None = None  # the latest sampling step's tokens
+        self.sampler = Sampler(backend.greedy_sample, backend, backend.masked_greedy_sample)
+        # With overlapped steps, a step whose batch has grammars leaves its sampling for later
+        # (``Sampler.sample_later``): the engine starts its masks once the step before is
+        # finished, and the next ``launch`` queues it before its own forward.
+        self.defer_constrained_sampling = False
+        self._last_samples: Samples | None = None  # the latest sampling step's
         self.decode_runner: DecodeRunner | None = None
         self.step_runner: StepRunner | None = None  # other steps (prefills, mixed)
         # Eager steps' row counts are padded up to these (``Backend.eager_token_buckets``).
@@ -86,10 +90,11 @@ class ModelRunner:
         if self.executor is None:  # TP: eager mixed steps (workers capture no pieces yet)
             self.step_runner = self.backend.capture_steps(self.model, kv_caches, self.token_buckets)
 
-    def launch(self, batch: ScheduledBatch) -> SampledBatch | None:
-        """Queue one step on the device: inputs, forward, logits and sampling. Returns the
-        sampled tokens, still on the device (None when no sequence samples in this step). Only
-        prompt logprobs read results back before returning."""
+    def launch(self, batch: ScheduledBatch) -> Samples | None:
+        """Queue one step on the device: inputs, forward, logits and sampling (or only the
+        logits, see ``defer_constrained_sampling``). Returns the sampled tokens, still on the
+        device (None when no sequence samples in this step). Only prompt logprobs read results
+        back before returning."""
         if batch.copies:
             self.backend.copy_blocks(self.kv_caches, batch.copies)
         inputs = self.prepare(batch)
@@ -105,8 +110,12 @@ class ModelRunner:
                 return None
             logits = self.compute_logits(hidden[inputs.sample_rows])
             logits = logits[: len(inputs.sample_seqs)]  # without the padding rows
-            sampled = self.sampler.sample(logits, inputs.sample_seqs)
-        self._last_sampled = sampled.token_ids
+            seqs = inputs.sample_seqs
+            if self.defer_constrained_sampling and any(s.grammar is not None for s in seqs):
+                sampled: Samples = self.sampler.sample_later(logits, seqs)
+            else:
+                sampled = self.sampler.sample(logits, seqs)
+        self._last_samples = sampled
         return sampled
 
     def warm_up(self, kv_caches: list[torch.Tensor], full: bool = True) -> None:
@@ -246,9 +255,12 @@ class ModelRunner:
             [input_ids, positions, slots, sample_rows, query_start[1:][pending] - 1, pending_src],
             torch.int64,
         )
+        # A step before whose sampling waited for its masks is queued here, ahead of this forward
+        # (its tokens are this step's inputs), once the host work above is done.
+        last = None if self._last_samples is None else self._last_samples.complete()
         if pending:
-            assert self._last_sampled is not None, "a token in flight without a sampling step"
-            ids.index_copy_(0, dst, self._last_sampled.index_select(0, src))
+            assert last is not None, "a token in flight without a sampling step"
+            ids.index_copy_(0, dst, last.token_ids.index_select(0, src))
         qsl, lens, tables = self._upload([query_start, seq_lens, block_tables], torch.int32)
         metadata = AttentionMetadata(
             query_start_loc=qsl,

@@ -38,6 +38,7 @@ class Sequence:
         self.prompt = prompt
         self.params = params
         self.argmax_only = params.argmax_only  # read by the sampler for every row of every step
+        self.argmax_within_grammar = params.argmax_within_grammar
         # The model's EOS ids. min_tokens masks them whatever ignore_eos says (as vLLM does);
         # they end the sequence only without ignore_eos.
         self.eos_token_ids = eos_token_ids

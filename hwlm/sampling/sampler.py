@@ -3,10 +3,11 @@
 vLLM's order: the grammar's mask (structured outputs), token constraints (allowed tokens, bad
 words, min_tokens, logit_bias), penalties (repetition, frequency, presence), then greedy rows take
 the argmax and random rows go through temperature, min_p, top-k, top-p and sampling. The grammar's
-masks are filled on the host here, once the forward pass is queued, so on an accelerator they are
-computed while the device runs it (``hwlm.sampling.structured.bitmask``); with overlapped steps the
-engine finishes the previous step just before (``Sampler.before_masks``), so the grammars have
-seen its tokens.
+masks are filled on the host (``hwlm.sampling.structured.bitmask``): by ``sample`` itself, once the
+forward pass is queued, so on an accelerator they are computed while the device runs it; or, with
+overlapped steps, by ``sample_later``, which returns ``DeferredSamples``: the masks are filled on a
+thread of their own once the step before has advanced the grammars, while the engine finishes that
+step and schedules and prepares the next, and the sampling is queued just before the next forward.
 
 Random rows draw by inversion: one uniform u per row, and the first token (in vocabulary order)
 whose cumulative probability exceeds u. That samples exactly from p with a single random number
@@ -22,6 +23,7 @@ row repeated for each fork, so every sample draws its own first token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,13 @@ import torch
 from hwlm.engine.sequence import Sequence
 from hwlm.engine.transfer import CopyAtWait, HostCopy, Transfers, to_device, using
 from hwlm.sampling.penalties import PenaltyTensors, apply_penalties
-from hwlm.sampling.structured.bitmask import BitmaskFiller, StepBitmask, apply_bitmask
+from hwlm.sampling.structured.bitmask import (
+    BitmaskFiller,
+    MaskJob,
+    StepBitmask,
+    apply_bitmask,
+    batch_words,
+)
 from hwlm.sampling.token_constraints import TokenConstraints
 from hwlm.sampling.truncation import truncate
 
@@ -66,6 +74,10 @@ class SampledBatch:
         self._wanted = wanted
         self._copy = copy
 
+    def complete(self) -> SampledBatch:
+        """Itself: its sampling is queued already (see ``DeferredSamples``)."""
+        return self
+
     def to_output(self) -> SamplerOutput:
         tokens, logprobs, *top = (t.tolist() for t in self._copy.wait())
         rows: list[TopLogprobs | None] = [None] * len(self.seqs)
@@ -75,7 +87,60 @@ class SampledBatch:
         return SamplerOutput(tokens, logprobs, rows, self.seqs)
 
 
+@dataclass
+class _Rows:
+    """A batch on its way through the sampler: forks expanded, the raw float logits and their
+    normaliser queued; or, for the masked greedy kernel, the logits as they came and no
+    normaliser."""
+
+    raw: torch.Tensor
+    log_total: torch.Tensor | None
+    seqs: list[Sequence]
+
+
+class DeferredSamples:
+    """A step's sampling held back until its grammars' masks are filled (overlapped steps).
+
+    ``start_masks`` starts filling them on the mask thread, once every grammar of the batch has
+    seen the tokens of the steps before; ``complete`` waits for them and queues the sampling
+    (it fills them on the calling thread if they were not started). ``seqs``, ``token_ids`` and
+    ``to_output`` serve as those of the ``SampledBatch`` that ``complete`` returns."""
+
+    def __init__(self, sampler: Sampler, rows: _Rows) -> None:
+        self.seqs = rows.seqs
+        self._sampler = sampler
+        self._rows: _Rows | None = rows
+        self._job: MaskJob | None = None
+        self._done: SampledBatch | None = None
+
+    def start_masks(self) -> None:
+        if self._rows is not None and self._job is None:
+            self._job = self._sampler.masks.start_fill(self.seqs)
+
+    def complete(self) -> SampledBatch:
+        if self._done is None:
+            rows, self._rows = self._rows, None
+            assert rows is not None
+            masks = self._sampler.masks
+            grammar = masks.fill(rows.seqs) if self._job is None else self._job.result()
+            with self._sampler._using():
+                self._done = self._sampler._end(rows, grammar)
+        return self._done
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.complete().token_ids
+
+    def to_output(self) -> SamplerOutput:
+        return self.complete().to_output()
+
+
+Samples = SampledBatch | DeferredSamples
+
+
 GreedyKernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (logits, words of the allowed tokens) -> (tokens, logprobs): ``Backend.masked_greedy_sample``
+MaskedGreedyKernel = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def greedy_in_torch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,39 +158,56 @@ class Sampler:
     are plain and synchronous."""
 
     def __init__(
-        self, greedy: GreedyKernel = greedy_in_torch, transfers: Transfers | None = None
+        self,
+        greedy: GreedyKernel = greedy_in_torch,
+        transfers: Transfers | None = None,
+        masked_greedy: MaskedGreedyKernel | None = None,
     ) -> None:
         self._greedy = greedy
+        self._masked_greedy = masked_greedy
         self._transfers = transfers
         # Structured outputs; its ``stats`` time the host's work.
         self.masks = BitmaskFiller(transfers)
-        # Called once before a grammar's masks are filled, after the forward is queued: the
-        # engine finishes the step in flight there (its tokens advance the grammars), so that
-        # reading those tokens back overlaps this step's forward (overlapped steps).
-        self.before_masks: Callable[[], None] | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_output()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         """Select every row's next token without reading anything back to the host."""
-        if self._transfers is None:
-            return self._sample(logits, seqs)
-        with using(self._transfers):
-            return self._sample(logits, seqs)
+        with self._using():
+            if all(s.argmax_only and not s.pending_forks for s in seqs):
+                tokens, token_logprobs = self._greedy(logits)
+                return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
+            rows = self._begin(logits, seqs)
+            return self._end(rows, self.masks.fill(rows.seqs))
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
-        if self.before_masks is not None and any(s.grammar is not None for s in seqs):
-            hook, self.before_masks = self.before_masks, None
-            hook()
-        if all(s.argmax_only and not s.pending_forks for s in seqs):
-            tokens, token_logprobs = self._greedy(logits)
-            return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
+    def sample_later(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeferredSamples:
+        """``sample``, with the grammars' masks filled later (``DeferredSamples``). The forks
+        are expanded and the logits' float copy and normaliser queued now."""
+        with self._using():
+            return DeferredSamples(self, self._begin(logits, seqs))
+
+    def _using(self) -> AbstractContextManager[None]:
+        return nullcontext() if self._transfers is None else using(self._transfers)
+
+    def _begin(self, logits: torch.Tensor, seqs: list[Sequence]) -> _Rows:
         logits, seqs = _expand_forks(logits, seqs)
-        raw = logits = logits.float()  # process_logits and sample never modify their input
-        log_total = torch.logsumexp(raw, dim=-1, keepdim=True)
-        grammar = self.masks.fill(seqs)  # on the host, while the device computes the above
-        logits = process_logits(logits, seqs, grammar)
+        if self._masked_greedy is not None and all(s.argmax_within_grammar for s in seqs):
+            return _Rows(logits, None, seqs)  # one kernel reads them in their own dtype
+        raw = logits.float()  # process_logits and sample never modify their input
+        return _Rows(raw, torch.logsumexp(raw, dim=-1, keepdim=True), seqs)
+
+    def _end(self, rows: _Rows, grammar: StepBitmask | None) -> SampledBatch:
+        raw, log_total, seqs = rows.raw, rows.log_total, rows.seqs
+        if log_total is None:  # greedy rows within their grammars, nothing else wanted
+            assert self._masked_greedy is not None
+            if grammar is None:
+                tokens, token_logprobs = self._greedy(raw)
+            else:
+                words = batch_words(grammar, raw.shape[0], raw.shape[1], raw.device)
+                tokens, token_logprobs = self._masked_greedy(raw, words)
+            return self._batch(tokens, [token_logprobs], [None] * len(seqs), seqs)
+        logits = process_logits(raw, seqs, grammar)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
             tokens = logits.argmax(dim=-1)

@@ -55,7 +55,7 @@ from hwlm.kernels.triton.fused import (  # noqa: E402
     rotary,
     silu_and_mul,
 )
-from hwlm.kernels.triton.greedy import greedy_sample  # noqa: E402
+from hwlm.kernels.triton.greedy import greedy_sample, masked_greedy_sample  # noqa: E402
 from hwlm.kernels.triton.paged_attention import (  # noqa: E402
     AttentionLaunch,
     choose_launch,
@@ -69,6 +69,7 @@ __all__ = [
     "choose_launch",
     "copy_blocks",
     "greedy_sample",
+    "masked_greedy_sample",
     "paged_attention",
     "rms_norm",
     "rotary",

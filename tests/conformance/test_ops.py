@@ -275,3 +275,45 @@ def test_greedy_sample(backend: Backend, norm_dtype: str, vocab: int) -> None:
     assert tokens.cpu().tolist() == want.tolist()
     want_lp = exact.gather(1, want[:, None])[:, 0] - exact.logsumexp(dim=-1)
     assert torch.allclose(logprobs.cpu().double(), want_lp, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1000, 4097, 151936])
+def test_masked_greedy_sample(backend: Backend, norm_dtype: str, vocab: int) -> None:
+    """Argmax over the tokens a packed grammar mask allows, and its log-probability under the
+    unmasked softmax, against float64; ids past the mask's words are forbidden."""
+    skip_unless_supported(backend, norm_dtype, 16, 1, 64)
+    dtype = DTYPES[norm_dtype]
+    g = torch.Generator().manual_seed(vocab + 1)
+    rows = 6
+    logits = torch.randn(rows, vocab, generator=g).mul(3).to(dtype)
+    allowed = torch.rand(rows, vocab, generator=g) < 0.3
+    peak = logits.max().item() + 1
+    logits[0, 5] = peak  # the row's maximum is forbidden: the allowed maximum wins
+    allowed[0, 5] = False
+    allowed[1] = False
+    allowed[1, [9, vocab - 2]] = True
+    logits[1, 9] = logits[1, vocab - 2] = peak  # a tie of two allowed ids: the lower wins
+    allowed[2] = False
+    allowed[2, vocab - 1] = True  # only the last column (a partial tile in a blocked kernel)
+    allowed[3] = True  # all allowed: plain greedy
+    allowed[4] = False  # nothing allowed: token 0, as torch's argmax of a row of -inf
+    words_per_row = (vocab + 31) // 32 - 1  # one word short: the last ids are forbidden
+    padded = torch.zeros(rows, 32 * (words_per_row + 1), dtype=torch.bool)
+    padded[:, :vocab] = allowed
+    bits = padded.view(rows, -1, 32).long() << torch.arange(32)
+    words = bits.sum(-1).to(torch.int64).add(2**31).remainder(2**32).sub(2**31).to(torch.int32)
+    words = words[:, :words_per_row]
+    allowed[:, 32 * words_per_row :] = False
+    allowed[5] = allowed[5] | (torch.arange(vocab) < 32 * words_per_row)
+    words[5] = -1  # every bit set
+    tokens, logprobs = backend.masked_greedy_sample(
+        logits.to(backend.device), words.to(backend.device)
+    )
+    backend.synchronize()
+    exact = logits.double()
+    want = exact.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+    want[4] = 0
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert tokens.cpu().tolist() == want.tolist()
+    want_lp = exact.gather(1, want[:, None])[:, 0] - exact.logsumexp(dim=-1)
+    assert torch.allclose(logprobs.cpu().double(), want_lp, atol=1e-4, rtol=1e-5)
