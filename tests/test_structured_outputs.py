@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import traceback
 from typing import Any
 
 import jsonschema
@@ -574,3 +575,53 @@ def test_in_the_engine_core_a_bad_request_fails_alone(llm: LLM) -> None:
     assert [d.request_id for d in finished] == ["good"]
     text = engine.tokenizer.decode(finished[0].samples[0].token_ids)
     _valid(text, SCHEMAS[2])
+
+
+def test_the_engine_leaves_matchers_alone_while_masks_fill(
+    stepwise: LLM, overlapped: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mask thread holds its rows' matchers while it fills (llguidance refuses a second
+    borrow: "Already mutably borrowed"), while the engine thread finishes the step before and
+    schedules and prepares the next. Every use of a matcher by the engine thread between a
+    fill's start and its result is recorded: there must be none, and the outputs are those of
+    one step at a time."""
+    from hwlm.sampling.structured.bitmask import MaskJob
+    from hwlm.sampling.structured.state import GrammarState
+
+    busy: set[int] = set()
+    misuses: list[str] = []
+
+    def get_matcher(self: GrammarState) -> Any:
+        matcher = self.__dict__["_matcher"]
+        if threading.current_thread() is threading.main_thread() and id(matcher) in busy:
+            misuses.append("".join(traceback.format_stack(limit=4)))
+        return matcher
+
+    def set_matcher(self: GrammarState, matcher: Any) -> None:
+        self.__dict__["_matcher"] = matcher
+
+    prepare, result = BitmaskFiller._prepare, MaskJob.result
+
+    def tracked_prepare(self, seqs):  # noqa: ANN001, ANN202
+        work = prepare(self, seqs)
+        if work is not None and threading.current_thread() is threading.main_thread():
+            busy.update(id(m) for m in work[1])
+        return work
+
+    def tracked_result(self):  # noqa: ANN001, ANN202
+        try:
+            return result(self)
+        finally:
+            busy.clear()
+
+    params = [_json(SCHEMAS[i % len(SCHEMAS)], seed=i, max_tokens=48) for i in range(16)]
+    prompts = [f"Busy matchers {i}" for i in range(16)]
+    a = stepwise.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(GrammarState, "matcher", property(get_matcher, set_matcher), raising=False)
+    monkeypatch.setattr(BitmaskFiller, "_prepare", tracked_prepare)
+    monkeypatch.setattr(MaskJob, "result", tracked_result)
+    b = overlapped.generate(prompts, params, use_tqdm=False)
+    assert not misuses, misuses[0]
+    assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
+    assert [o.outputs[0].finish_reason for o in b] == [o.outputs[0].finish_reason for o in a]
+    assert any(o.outputs[0].finish_reason == "stop" for o in b)  # grammars that completed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,9 +328,11 @@ class LLMEngine:
             return self._drain()
         batch = self.scheduler.schedule()
         launched = None if batch.is_empty() else self._launch(batch)
-        outputs = self._drain()
-        if launched is not None and isinstance(launched.sampled, DeferredSamples):
-            launched.sampled.start_masks()  # the grammars have seen every token before it
+        deferred = launched.sampled if launched is not None else None
+        start_masks = deferred.start_masks if isinstance(deferred, DeferredSamples) else None
+        outputs = self._drain(start_masks)
+        if start_masks is not None:
+            start_masks()  # when nothing was in flight (a no-op once started)
         if self.async_scheduling:
             self._in_flight = launched
         elif launched is not None:
@@ -352,10 +355,10 @@ class LLMEngine:
             seq.pending_row = row
         return _LaunchedStep(batch.seqs, sampled)
 
-    def _drain(self) -> list[RequestUpdate]:
-        """Finish the step in flight, if any."""
+    def _drain(self, after_advance: Callable[[], None] | None = None) -> list[RequestUpdate]:
+        """Finish the step in flight, if any (``after_advance``: see ``_finish``)."""
         step, self._in_flight = self._in_flight, None
-        return [] if step is None else self._finish(step)
+        return [] if step is None else self._finish(step, after_advance)
 
     def _must_drain(self, step: _LaunchedStep) -> bool:
         """Whether the next step can only be scheduled once ``step``'s tokens are on the host:
@@ -374,8 +377,12 @@ class LLMEngine:
             return True
         return self.scheduler.wants_seats_back()
 
-    def _finish(self, step: _LaunchedStep) -> list[RequestUpdate]:
-        """Bring ``step``'s tokens to the host and apply them: tokens, stops, updates."""
+    def _finish(
+        self, step: _LaunchedStep, after_advance: Callable[[], None] | None = None
+    ) -> list[RequestUpdate]:
+        """Bring ``step``'s tokens to the host and apply them: tokens, stops, updates.
+        ``after_advance`` is called once the tokens have advanced the grammars, before the rest
+        (the next step's masks start there, see ``DeferredSamples``)."""
         out = step.sampled.to_output() if step.sampled is not None else None
         for seq in step.seqs:
             if not seq.is_finished:
@@ -384,7 +391,7 @@ class LLMEngine:
             return []
         for seq in out.seqs:
             seq.num_pending_tokens -= 1
-        finished = self._append_tokens(out.seqs, out)
+        finished = self._append_tokens(out.seqs, out, after_advance)
         updates = [self._update(request_id, finished=True) for request_id in finished]
         streamed = {s.request_id for s in out.seqs if s.stream}
         streamed = {r for r in streamed if r in self._requests} - set(finished)
@@ -429,18 +436,31 @@ class LLMEngine:
                 self._requests[parent.request_id].append(child)
         return parents
 
-    def _append_tokens(self, seqs: list[Sequence], out: SamplerOutput) -> list[str]:
-        """Append each sequence's token, advance the step's grammars together, then apply the
-        stops; returns the requests that finished."""
+    def _append_tokens(
+        self,
+        seqs: list[Sequence],
+        out: SamplerOutput,
+        after_advance: Callable[[], None] | None = None,
+    ) -> list[str]:
+        """Append each sequence's token and advance the step's grammars together, then (after
+        ``after_advance``) detokenize and apply the stops; returns the requests that
+        finished."""
+        live = [  # not failed earlier in this step, aborted, or stopped by the step before
+            (i, seq)
+            for i, seq in enumerate(seqs)
+            if seq.request_id in self._requests and not seq.is_finished
+        ]
+        for i, seq in live:
+            seq.token_ids.append(out.token_ids[i])
+        rejected = self._advance_grammars([seq for _, seq in live if seq.grammar is not None])
+        if after_advance is not None:
+            after_advance()
         appended: list[tuple[Sequence, bool]] = []  # (sequence, stopped)
-        for i, seq in enumerate(seqs):
-            if seq.request_id not in self._requests or seq.is_finished:
-                continue  # failed earlier in this step, aborted, or stopped by the step before
+        for i, seq in live:
             try:
-                appended.append((seq, self._append_token(seq, i, out)))
+                appended.append((seq, self._take_token(seq, i, out)))
             except Exception as exc:
                 self._fail_or_raise(seq, exc)
-        rejected = self._advance_grammars([seq for seq, _ in appended if seq.grammar is not None])
         finished: list[str] = []
         for seq, stopped in appended:
             if seq.request_id not in self._requests:
@@ -470,11 +490,10 @@ class LLMEngine:
         self.runner.sampler.masks.stats.add_advance(seconds)
         return {seqs[k].seq_id: error for k, error in errors.items()}
 
-    def _append_token(self, seq: Sequence, i: int, out: SamplerOutput) -> bool:
-        """Add the token sampled for ``seq`` (row ``i`` of ``out``); True if it stops ``seq``
-        (its grammar, advanced later for the whole step, may stop it too: ``_grammar_stops``)."""
+    def _take_token(self, seq: Sequence, i: int, out: SamplerOutput) -> bool:
+        """Detokenize the token just appended to ``seq`` (row ``i`` of ``out``) and record its
+        logprobs; True if it stops ``seq`` (its grammar may stop it too: ``_grammar_stops``)."""
         token = out.token_ids[i]
-        seq.token_ids.append(token)
         new_text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         seq.cumulative_logprob += out.logprobs[i]
         top = out.top_logprobs[i]

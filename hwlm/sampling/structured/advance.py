@@ -41,6 +41,8 @@ def advance_grammars(seqs: list[Sequence]) -> tuple[dict[int, ValueError], float
                 errors[k] = state.rejected(tokens[depth])
         depth += 1
         pending = [p for p in pending if p[0] not in errors and len(p[2]) > depth]
+    for seq in seqs:
+        seq.grammar.settle()  # type: ignore[union-attr]
     return errors, time.perf_counter() - start
 
 

@@ -23,6 +23,9 @@ class GrammarState:
         self.after_token_ids = after_token_ids
         self.active = after_token_ids is None  # constraining the next token
         self.num_seen = 0  # output tokens observed so far
+        # Read from the matcher when it consumes (``settle``), not later: once a step's tokens
+        # are in, the matcher may be busy filling the next mask on another thread.
+        self.is_finished = False  # complete, allows nothing more (but EOS): the sequence stops
 
     def observe(self, token_ids: list[int], num_prompt_tokens: int) -> None:
         """Advance over the output tokens (``token_ids`` after the prompt) not seen yet.
@@ -31,6 +34,11 @@ class GrammarState:
         for token in self.take_new(token_ids, num_prompt_tokens):
             if not self.matcher.consume_token(token):
                 raise self.rejected(token)
+        self.settle()
+
+    def settle(self) -> None:
+        """Note whether the grammar is complete, after its matcher consumed tokens."""
+        self.is_finished = self.active and bool(self.matcher.is_stopped())
 
     def take_new(self, token_ids: list[int], num_prompt_tokens: int) -> list[int]:
         """Mark the output tokens not seen yet as seen; return those the grammar must consume
@@ -59,11 +67,6 @@ class GrammarState:
         assert after is not None
         start = i + 1 - len(after)
         return start >= num_prompt_tokens and token_ids[start : i + 1] == after
-
-    @property
-    def is_finished(self) -> bool:
-        """The grammar is complete and allows nothing more (but EOS): the sequence stops."""
-        return self.active and bool(self.matcher.is_stopped())
 
     def copy(self) -> GrammarState:
         """An independent state at the same place (for a forked sample)."""
