@@ -45,7 +45,7 @@ def main() -> None:
         help="drop maxLength, pattern and format from the schema's strings",
     )
     args = parser.parse_args()
-    tokenizer = load_tokenizer(tokenizer_path(args.model))
+    tokenizer = load_tokenizer(str(tokenizer_path(args.model)))
     structured = StructuredOutputs(tokenizer, args.vocab_size, (tokenizer.eos_token_id or 0,))
     schema = BUILTIN_SCHEMAS[args.schema]
     if args.plain_strings:

@@ -4,8 +4,8 @@ The state remembers how many output tokens it has seen, so feeding it the output
 preemption recomputed the sequence, say) never consumes a token twice. With ``after_token_ids``
 it waits, unconstrained, until the output contains that sequence, then constrains what follows.
 
-The engine advances a whole step's states at once (``advance.advance_grammars``: one parallel
-call into llguidance); ``observe`` does the same for one state.
+The engine advances a whole step's states together (``advance.advance_grammars``); ``observe``
+does the same for one state.
 """
 
 from __future__ import annotations
@@ -23,22 +23,28 @@ class GrammarState:
         self.after_token_ids = after_token_ids
         self.active = after_token_ids is None  # constraining the next token
         self.num_seen = 0  # output tokens observed so far
-        # Read from the matcher when it consumes (``settle``), not later: once a step's tokens
+        # Read from the matcher when it consumes (``advance``), not later: once a step's tokens
         # are in, the matcher may be busy filling the next mask on another thread.
         self.is_finished = False  # complete, allows nothing more (but EOS): the sequence stops
 
     def observe(self, token_ids: list[int], num_prompt_tokens: int) -> None:
-        """Advance over the output tokens (``token_ids`` after the prompt) not seen yet.
-        ValueError (one line) if the grammar rejects one: only conflicting controls (an
-        ``allowed_token_ids`` set outside the grammar, say) can sample such a token."""
-        for token in self.take_new(token_ids, num_prompt_tokens):
-            if not self.matcher.consume_token(token):
-                raise self.rejected(token)
-        self.settle()
+        """``advance``, raising its ValueError."""
+        error = self.advance(token_ids, num_prompt_tokens)
+        if error is not None:
+            raise error
 
-    def settle(self) -> None:
-        """Note whether the grammar is complete, after its matcher consumed tokens."""
-        self.is_finished = self.active and bool(self.matcher.is_stopped())
+    def advance(self, token_ids: list[int], num_prompt_tokens: int) -> ValueError | None:
+        """Consume the output tokens (``token_ids`` after the prompt) not seen yet, and note
+        whether the grammar is then complete. Returns the one-line error if the grammar refused
+        one (the matcher stops there, in its error state): only conflicting controls (an
+        ``allowed_token_ids`` set outside the grammar, say) can sample such a token."""
+        matcher = self.matcher
+        for token in self.take_new(token_ids, num_prompt_tokens):
+            if not matcher.consume_token(token):
+                self.is_finished = False
+                return self.rejected(token)
+        self.is_finished = self.active and bool(matcher.is_stopped())
+        return None
 
     def take_new(self, token_ids: list[int], num_prompt_tokens: int) -> list[int]:
         """Mark the output tokens not seen yet as seen; return those the grammar must consume
