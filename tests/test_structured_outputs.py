@@ -625,3 +625,19 @@ def test_the_engine_leaves_matchers_alone_while_masks_fill(
     assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
     assert [o.outputs[0].finish_reason for o in b] == [o.outputs[0].finish_reason for o in a]
     assert any(o.outputs[0].finish_reason == "stop" for o in b)  # grammars that completed
+
+
+def test_grammar_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HWLM_GRAMMAR_THREADS`` sizes llguidance's pool; a bad value fails when the engine's
+    structured outputs are set up, naming the variable."""
+    from hwlm.sampling.structured import StructuredOutputs
+    from hwlm.sampling.structured.library import grammar_threads
+
+    monkeypatch.setenv("HWLM_GRAMMAR_THREADS", "3")
+    assert grammar_threads() == 3
+    monkeypatch.delenv("HWLM_GRAMMAR_THREADS")
+    assert grammar_threads() is None
+    for bad in ("0", "-2", "four"):
+        monkeypatch.setenv("HWLM_GRAMMAR_THREADS", bad)
+        with pytest.raises(ValueError, match="HWLM_GRAMMAR_THREADS must be a positive"):
+            StructuredOutputs(None, 1024, (2,))

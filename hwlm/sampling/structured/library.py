@@ -6,6 +6,7 @@ neither need it installed nor pay for its import."""
 
 from __future__ import annotations
 
+import os
 import threading
 from types import ModuleType
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from hwlm.sampling_params import ParameterError
 
 INSTALL_HINT = "pip install 'hwlm[structured]'"
+THREADS_ENV = "HWLM_GRAMMAR_THREADS"
 
 _executor: Any = None
 _executor_lock = threading.Lock()
@@ -33,11 +35,21 @@ def llguidance() -> ModuleType:
 
 def executor() -> Any:
     """The process's ``llguidance.LLExecutor`` (created on first use): a pool of host threads
-    (80% of the CPUs, up to 32) that fills masks and advances matchers in parallel, with the GIL
-    released. One pool serves every engine of the process, so they never oversubscribe the
-    cores."""
+    that fills masks and advances matchers in parallel, with the GIL released;
+    ``HWLM_GRAMMAR_THREADS`` threads, or llguidance's default (80% of the CPUs, up to 32). One
+    pool serves every engine of the process, so they never oversubscribe the cores."""
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = llguidance().LLExecutor()
+            _executor = llguidance().LLExecutor(grammar_threads())
         return _executor
+
+
+def grammar_threads() -> int | None:
+    """``HWLM_GRAMMAR_THREADS`` (a positive count), or None when unset."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive thread count, got {text!r}")
+    return int(text)

@@ -8,6 +8,7 @@ from typing import Any
 
 from hwlm.sampling.structured.cache import GrammarCache
 from hwlm.sampling.structured.grammar import grammar_key
+from hwlm.sampling.structured.library import grammar_threads
 from hwlm.sampling.structured.state import GrammarState
 from hwlm.sampling.structured.tokenizer import build_tokenizer
 from hwlm.sampling_params import StructuredOutputsParams
@@ -15,7 +16,9 @@ from hwlm.sampling_params import StructuredOutputsParams
 
 class StructuredOutputs:
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
-        """``vocab_size``: the rows of the model's logits (masks cover them all)."""
+        """``vocab_size``: the rows of the model's logits (masks cover them all). A bad
+        ``HWLM_GRAMMAR_THREADS`` is a ValueError here, when the engine starts."""
+        grammar_threads()
         self._hf_tokenizer = hf_tokenizer
         self._vocab_size = vocab_size
         self._eos_token_ids = eos_token_ids
