@@ -3,6 +3,8 @@
 A ``GroupQuantizedWeight`` (AWQ, GPTQ, GGUF Q4_0/Q8_0) of 4 or 8 bits in groups of a power of
 two >= 16 is packed into MatMulNBits' layout (``cpu_quant_pack.BlockQuantized``) with its own
 scales and zero points, so the codes are used as they are: no dequantizing, no second rounding.
+With ``HWLM_CPU_INT4_BATCH_KERNEL=dynamic`` a 4-bit layer also gets the int8 twin that runs
+its calls of many rows (``cpu_quant.TwinLinear``).
 Anything else (other group sizes, fp8 weights, which have no ONNX Runtime CPU kernel) is
 dequantized once into a float layer.
 
@@ -30,11 +32,12 @@ def prequantized_linear(weight: PrequantizedWeight, bias: torch.Tensor | None) -
 
     if isinstance(weight, GroupQuantizedWeight) and runs_natively(weight):
         _require_runtime()
-        from .cpu_quant import OrtLinear
+        from .cpu_quant import OrtLinear, with_batch_twin
 
         b = None if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
         q = pack_group_quantized(weight)
-        return OrtLinear(_cached(q, b), q.k, q.n)
+        layer = OrtLinear(_cached(q, b), q.k, q.n)
+        return layer if q.bits != 4 else with_batch_twin(layer, lambda: q, b, lambda: _key(q, b))
     return DequantizedLinear(weight.dequantize(), None if bias is None else bias.float())
 
 
@@ -68,13 +71,19 @@ def _pack_nibbles(values: U8) -> U8:
 
 def _cached(q: BlockQuantized, bias: F32 | None) -> str | bytes:
     """The serialized graph of ``q`` (path of its cache file, or the bytes with no cache)."""
-    from .cpu_quant_graph import FORMAT_VERSION, build_graph, cached_file
+    from .cpu_quant_graph import build_graph, cached_file
 
-    def key() -> str:
-        digest = hashlib.blake2b(digest_size=20)
-        digest.update(f"v{FORMAT_VERSION};pre;{q.bits};{q.block_size};{q.n};{q.k}".encode())
-        for part in (q.packed, q.scales, q.zero_points, bias):
-            digest.update(b"-" if part is None else np.ascontiguousarray(part).data)
-        return digest.hexdigest()
+    return cached_file(
+        lambda: _key(q, bias), lambda: bytes(build_graph(q, bias).SerializeToString())
+    )
 
-    return cached_file(key, lambda: bytes(build_graph(q, bias).SerializeToString()))
+
+def _key(q: BlockQuantized, bias: F32 | None) -> str:
+    """The cache name of ``q`` and ``bias``: a hash of its codes, scales and zero points."""
+    from .cpu_quant_graph import FORMAT_VERSION
+
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"v{FORMAT_VERSION};pre;{q.bits};{q.block_size};{q.n};{q.k}".encode())
+    for part in (q.packed, q.scales, q.zero_points, bias):
+        digest.update(b"-" if part is None else np.ascontiguousarray(part).data)
+    return digest.hexdigest()

@@ -8,6 +8,17 @@ a C1 decode step's 49 calls add about 0.35 ms to a 25 ms step.
 - ``int4``: MatMulNBits, 4-bit codes in blocks of 128 inputs with a float scale each
   (symmetric, as llama.cpp's Q4_0), activations quantized per block to int8 at run time
   (accuracy_level 4). Blocks of 128 measured 1.2-2x faster than blocks of 32 here.
+  ``HWLM_CPU_INT4_BATCH_KERNEL=dynamic`` gives each layer an int8 twin for calls of 8 rows or
+  more (batches, prefills): DynamicQuantizeMatMul over the same 4-bit weights rounded to int8
+  per output channel. On the Intel Xeon machine (AVX512-VNNI, AMX) ORT's int8 GEMM runs a
+  768 x 4096 layer in 0.27 ms at 32 rows and 1.7 ms at 512 against 0.75 and 12.7 ms for
+  MatMulNBits, which wins below 8 rows (0.12 against 0.19 ms at one). The price: a byte per
+  weight beside the half byte of the codes, and the int8 kernel's one activation scale per call
+  (as the ``int8`` method's) instead of MatMulNBits' one per row and block. On C1's shape the
+  4-bit rounding dominates either way (KL to float32 0.0374 against 0.0368 nats over 512
+  tokens), but against the exactly dequantized weights of the tiny AWQ test model top-1
+  agreement fell from over 0.9 to 0.79, and real models' activation outliers make one scale a
+  call worse still; so it is not the default.
 - ``int8``: DynamicQuantizeMatMul, int8 codes with one scale per output channel; the activations
   are quantized to uint8 with one scale per call (the whole batch). Measured 2-3x faster than
   MatMulNBits 8-bit from 8 rows up on the development machine (AVX512-VNNI), level at one row.
@@ -38,7 +49,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cpu_quant_graph import Quantized, cached_graph, read_graph
+from hwlm.backend import QuantizedLinear
+
+from .cpu_quant_graph import (
+    Quantized,
+    cached_file,
+    cached_graph,
+    graph_key,
+    read_graph,
+    serialized_graph,
+)
 from .cpu_quant_pack import (
     F32,
     BlockQuantized,
@@ -53,6 +73,8 @@ logger = logging.getLogger(__name__)
 INT4_BLOCK_SIZE = 128
 INT8_NBITS_BLOCK_SIZE = 32  # as llama.cpp's Q8_0
 INT8_KERNEL_ENV = "HWLM_CPU_INT8_KERNEL"
+INT4_BATCH_ENV = "HWLM_CPU_INT4_BATCH_KERNEL"
+INT4_BATCH_MIN_ROWS = 8  # from here the int8 twin is faster (module docstring)
 POOL_ENV = "HWLM_CPU_ORT_POOL"
 POOLS = ("session", "shared")
 METHODS = ("int8", "int4")
@@ -98,6 +120,54 @@ class OrtLinear:
         return torch.from_numpy(dequantize_channels(q))
 
 
+class TwinLinear:
+    """A 4-bit layer (``nbits``, MatMulNBits) with an int8 twin (``int8``, DynamicQuantizeMatMul
+    over the same weights rounded to int8 per output channel) for calls of ``min_rows`` rows or
+    more, where ORT's int8 GEMM is the faster kernel (module docstring)."""
+
+    def __init__(self, nbits: OrtLinear, int8: OrtLinear, min_rows: int) -> None:
+        self.nbits, self.int8, self.min_rows = nbits, int8, min_rows
+        self.k, self.n = nbits.k, nbits.n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.k
+        return (self.int8 if rows >= self.min_rows else self.nbits)(x)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The 4-bit weights; the twin's differ by its int8 rounding of them."""
+        return self.nbits.dequantized_weight()
+
+
+ORT_LAYERS = (OrtLinear, TwinLinear)  # the kernels that run a whole layer in ORT
+
+
+def with_batch_twin(
+    layer: OrtLinear,
+    blocks: Callable[[], BlockQuantized],
+    bias: F32 | None,
+    key: Callable[[], str],
+) -> QuantizedLinear:
+    """``layer`` (4-bit) with its int8 twin (``TwinLinear``) with
+    ``HWLM_CPU_INT4_BATCH_KERNEL=dynamic``, else ``layer``. ``blocks()`` gives the layer's 4-bit layout, called
+    only to build the twin's graph; ``key()`` names that layout in the graph cache."""
+    if int4_batch_kernel() == "nbits":
+        return layer
+    source = cached_file(
+        lambda: f"{key()}-dq8twin",
+        lambda: serialized_graph(quantize_channels(dequantize_blocks(blocks())), bias),
+    )
+    return TwinLinear(layer, OrtLinear(source, layer.k, layer.n), INT4_BATCH_MIN_ROWS)
+
+
+def int4_batch_kernel() -> str:
+    """``HWLM_CPU_INT4_BATCH_KERNEL``: ``nbits`` (default: MatMulNBits for every call) or
+    ``dynamic`` (the int8 twin for calls of many rows)."""
+    kernel = os.environ.get(INT4_BATCH_ENV, "").strip() or "nbits"
+    if kernel not in ("dynamic", "nbits"):
+        raise ValueError(f"{INT4_BATCH_ENV} must be dynamic or nbits, got {kernel!r}")
+    return kernel
+
+
 BindCall = Callable[[list[int], int], None]
 
 
@@ -125,7 +195,9 @@ def _binding_calls(session: Any, binding: Any) -> tuple[BindCall, BindCall, Call
     )
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> OrtLinear:
+def quantized_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, method: str
+) -> QuantizedLinear:
     """The ORT kernel of a dense layer with float ``weight`` [out, in] quantized by ``method``."""
     if method not in METHODS:
         raise ValueError(f"cpu backend: unknown quantization {method!r}; expected one of {METHODS}")
@@ -135,7 +207,16 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, method: st
     settings, quantize = _scheme(method)
     source = cached_graph(w, b, settings, quantize)
     n, k = w.shape
-    return OrtLinear(source, k, n)
+    layer = OrtLinear(source, k, n)
+    if method != "int4":
+        return layer
+
+    def blocks() -> BlockQuantized:
+        q = quantize(w)
+        assert isinstance(q, BlockQuantized)
+        return q
+
+    return with_batch_twin(layer, blocks, b, lambda: graph_key(w, b, settings))
 
 
 def _scheme(method: str) -> tuple[str, Quantize]:

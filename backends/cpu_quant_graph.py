@@ -102,7 +102,7 @@ def cached_graph(
     ``settings`` (a string naming the method and its parameters): read from the cache, or built
     and written there. The serialized model itself when the cache is off or not writable."""
     return cached_file(
-        lambda: _key(weight, bias, settings), lambda: _serialized(quantize(weight), bias)
+        lambda: graph_key(weight, bias, settings), lambda: serialized_graph(quantize(weight), bias)
     )
 
 
@@ -136,7 +136,8 @@ def cache_dir() -> Path | None:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "hwlm" / "quantized"
 
 
-def _key(weight: F32, bias: F32 | None, settings: str) -> str:
+def graph_key(weight: F32, bias: F32 | None, settings: str) -> str:
+    """The cache name of ``weight`` and ``bias`` quantized under ``settings``."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"v{FORMAT_VERSION};{settings};{weight.shape};{bias is not None}".encode())
     digest.update(np.ascontiguousarray(weight).data)
@@ -145,7 +146,7 @@ def _key(weight: F32, bias: F32 | None, settings: str) -> str:
     return digest.hexdigest()
 
 
-def _serialized(q: Quantized, bias: F32 | None) -> bytes:
+def serialized_graph(q: Quantized, bias: F32 | None) -> bytes:
     data: bytes = build_graph(q, bias).SerializeToString()
     return data
 

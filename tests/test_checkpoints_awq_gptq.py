@@ -78,7 +78,7 @@ def test_layers_hold_exactly_the_codes_values(twins: tuple[Path, Path]) -> None:
     checked = 0
     for name, module in model.named_modules():
         if isinstance(module, Linear) and module is not model.lm_head:
-            assert isinstance(module.kernel, cpu_quant.OrtLinear), f"{name}: not MatMulNBits"
+            assert isinstance(module.kernel, cpu_quant.ORT_LAYERS), f"{name}: not MatMulNBits"
             expected = twin[name].weight
             got = module.kernel.dequantized_weight()
             assert torch.equal(got, expected), f"{name}: max diff {(got - expected).abs().max()}"
@@ -182,4 +182,4 @@ def test_quantization_setting_must_match_the_checkpoint(twins: tuple[Path, Path]
     with pytest.raises(ValueError, match=f"quantization='{other}' does not match the checkpoint"):
         _load(quant_dir, CPUBackend(), quantization=other)
     model = _load(quant_dir, CPUBackend(), quantization=f"int{stored}")
-    assert isinstance(model.model.layers[0].mlp.down_proj.kernel, cpu_quant.OrtLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj.kernel, cpu_quant.ORT_LAYERS)

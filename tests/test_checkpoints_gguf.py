@@ -118,7 +118,7 @@ def test_exact_types_run_as_stored(files: dict[str, Path], kind: str) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        assert isinstance(module.kernel, cpu_quant.OrtLinear), f"{name}: not MatMulNBits"
+        assert isinstance(module.kernel, cpu_quant.ORT_LAYERS), f"{name}: not MatMulNBits"
         parts = [name] if module is model.lm_head else _shard_names(name)
         expected = torch.cat(
             [_file_values(reader, gguf_name(p + ".weight"), _heads(p, cfg)) for p in parts]
@@ -133,7 +133,7 @@ def test_quantization_setting_against_the_file(files: dict[str, Path]) -> None:
         _load(files["Q4_0"], quantization="int8")
     _load(files["Q4_0"], quantization="int4")
     model = _load(files["llama-f32"], quantization="int4")  # a float file quantizes at load
-    assert isinstance(model.model.layers[0].mlp.down_proj.kernel, cpu_quant.OrtLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj.kernel, cpu_quant.ORT_LAYERS)
 
 
 def test_k_quants_are_dequantized_once(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_k_quants_are_dequantized_once(tmp_path: Path) -> None:
     gate_up = loaded.model.layers[0].mlp.gate_up_proj
     assert gate_up.kernel is None
     assert torch.equal(gate_up.weight[:256], _file_values(reader, "blk.0.ffn_gate.weight", 0))
-    assert isinstance(loaded.model.layers[0].self_attn.o_proj.kernel, cpu_quant.OrtLinear)
+    assert isinstance(loaded.model.layers[0].self_attn.o_proj.kernel, cpu_quant.ORT_LAYERS)
 
 
 def test_unreadable_files_are_one_clear_error(tmp_path: Path) -> None:

@@ -96,9 +96,9 @@ def test_quantized_model_matches_its_dequantized_weights(
     twin = load_model(resolved, config, backend, torch.float32)
     twins = dict(twin.named_modules())
     for name, module in quantized.named_modules():
-        if isinstance(module, Linear) and isinstance(module.kernel, cpu_quant.OrtLinear):
+        if isinstance(module, Linear) and isinstance(module.kernel, cpu_quant.ORT_LAYERS):
             twins[name].weight.data.copy_(module.kernel.dequantized_weight())
-    assert isinstance(quantized.logits_kernel, cpu_quant.OrtLinear)
+    assert isinstance(quantized.logits_kernel, cpu_quant.ORT_LAYERS)
     twin.lm_head.weight.data.copy_(quantized.logits_kernel.dequantized_weight())
     reference = stream_logits(load_model(resolved, config, backend, torch.float32), backend, tokens)
     dequantized = stream_logits(twin, backend, tokens)
@@ -149,8 +149,8 @@ def test_llm_runs_quantized_layers(tiny: dict[str, Path]) -> None:
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.quantization == "int4" for m in linears)
     layers = [m for m in linears if m is not model.lm_head]  # the head runs as logits_kernel
-    assert all(isinstance(m.kernel, cpu_quant.OrtLinear) for m in layers)
-    assert isinstance(model.logits_kernel, cpu_quant.OrtLinear)
+    assert all(isinstance(m.kernel, cpu_quant.ORT_LAYERS) for m in layers)
+    assert isinstance(model.logits_kernel, cpu_quant.ORT_LAYERS)
     assert all(m.weight.numel() == 0 for m in linears), "float weights were kept"
 
 
@@ -163,7 +163,7 @@ def test_tied_head_is_quantized_as_a_copy(tmp_path: Path) -> None:
     model = load_model(resolved, config, backend, torch.float32, quantization="int8")
     embed = model.lm_head.weight
     assert embed.numel() == config.vocab_size * config.hidden_size, "embeddings were freed"
-    assert isinstance(model.logits_kernel, cpu_quant.OrtLinear)
+    assert isinstance(model.logits_kernel, cpu_quant.ORT_LAYERS)
     deq = model.logits_kernel.dequantized_weight()
     step = embed.abs().amax(dim=1, keepdim=True) / 127
     assert torch.all((deq - embed).abs() <= step / 2 + 1e-7), "the head is not the embeddings"
@@ -305,3 +305,35 @@ def test_bucket_warm_up_runs_quantized_layers(tiny: dict[str, Path]) -> None:
     runner.token_buckets = (3, 8)
     runner._warm_up_buckets()
     assert calls == [3, 8]
+
+
+def test_int4_batch_twin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``HWLM_CPU_INT4_BATCH_KERNEL=dynamic``: calls of 8 rows or more go to the int8 twin, which
+    multiplies by the 4-bit weights rounded again to int8 per output channel (error bounded as
+    the conformance suite bounds int8's, plus that rounding); fewer rows to MatMulNBits; the
+    default is MatMulNBits alone, and a bad value is a one-line error."""
+    monkeypatch.setenv("HWLM_QUANT_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    b = torch.randn(96, generator=g)
+    assert isinstance(cpu_quant.quantized_linear(w, b, "int4"), cpu_quant.OrtLinear)
+    monkeypatch.setenv("HWLM_CPU_INT4_BATCH_KERNEL", "dynamic")
+    layer = cpu_quant.quantized_linear(w, b, "int4")
+    assert isinstance(layer, cpu_quant.TwinLinear)
+    for rows, inner in ((1, layer.nbits), (7, layer.nbits), (8, layer.int8), (40, layer.int8)):
+        x = torch.randn(rows, 256, generator=g)
+        assert torch.equal(layer(x), inner(x)), f"{rows} rows"
+    deq = layer.dequantized_weight().double()
+    x = torch.randn(40, 256, generator=g).double()
+    error = (layer(x.float()).double() - (x @ deq.T + b.double())).abs()
+    activation_step = 2 * x.abs().max() / 255  # one scale per call
+    weight_step = deq.abs().amax(dim=1) / 127  # per output channel
+    allowed = (
+        6
+        / 12**0.5
+        * (activation_step * deq.norm(dim=1) + x.norm(dim=1, keepdim=True) * weight_step)
+    )
+    assert (error <= allowed + 1e-4).all(), f"error {(error / allowed).max():.2f}x the bound"
+    monkeypatch.setenv("HWLM_CPU_INT4_BATCH_KERNEL", "fast")
+    with pytest.raises(ValueError, match="HWLM_CPU_INT4_BATCH_KERNEL must be dynamic or nbits"):
+        cpu_quant.quantized_linear(w, b, "int4")
