@@ -162,10 +162,16 @@ def with_batch_twin(
 def int4_batch_kernel() -> str:
     """``HWLM_CPU_INT4_BATCH_KERNEL``: ``nbits`` (default: MatMulNBits for every call) or
     ``dynamic`` (the int8 twin for calls of many rows)."""
-    kernel = os.environ.get(INT4_BATCH_ENV, "").strip() or "nbits"
-    if kernel not in ("dynamic", "nbits"):
-        raise ValueError(f"{INT4_BATCH_ENV} must be dynamic or nbits, got {kernel!r}")
-    return kernel
+    return env_choice(INT4_BATCH_ENV, ("nbits", "dynamic"))
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The setting of environment variable ``name``, one of ``choices`` (the first when unset
+    or empty); otherwise a one-line ValueError naming the variable and the choices."""
+    value = os.environ.get(name, "").strip() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 BindCall = Callable[[list[int], int], None]
@@ -223,11 +229,8 @@ def _scheme(method: str) -> tuple[str, Quantize]:
     """(settings string for the cache key, weight -> quantized layout) of ``method``."""
     if method == "int4":
         return f"nbits4-b{INT4_BLOCK_SIZE}-sym", _blocks(4, INT4_BLOCK_SIZE)
-    kernel = os.environ.get(INT8_KERNEL_ENV, "dynamic")
-    if kernel == "nbits":
+    if env_choice(INT8_KERNEL_ENV, ("dynamic", "nbits")) == "nbits":
         return f"nbits8-b{INT8_NBITS_BLOCK_SIZE}-sym", _blocks(8, INT8_NBITS_BLOCK_SIZE)
-    if kernel != "dynamic":
-        raise ValueError(f"{INT8_KERNEL_ENV} must be dynamic or nbits, got {kernel!r}")
     return "dq8-channel-sym", quantize_channels
 
 
@@ -258,10 +261,7 @@ def session_options() -> Any:
 
 def ort_pool() -> str:
     """The sessions' thread pool from ``HWLM_CPU_ORT_POOL``: ``session`` (default) or ``shared``."""
-    pool = os.environ.get(POOL_ENV, "").strip() or "session"
-    if pool not in POOLS:
-        raise ValueError(f"{POOL_ENV} must be one of {', '.join(POOLS)}, got {pool!r}")
-    return pool
+    return env_choice(POOL_ENV, POOLS)
 
 
 @cache

@@ -185,7 +185,7 @@ def test_int8_nbits_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
     want = x.double() @ deq.double().T
     assert (kernel(x).double() - want).abs().max().item() < 0.02
     monkeypatch.setenv(cpu_quant.INT8_KERNEL_ENV, "int7")
-    with pytest.raises(ValueError, match="HWLM_CPU_INT8_KERNEL must be dynamic or nbits"):
+    with pytest.raises(ValueError, match="HWLM_CPU_INT8_KERNEL must be one of dynamic, nbits"):
         cpu_quant.quantized_linear(w, None, "int8")
 
 
@@ -335,5 +335,7 @@ def test_int4_batch_twin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     )
     assert (error <= allowed + 1e-4).all(), f"error {(error / allowed).max():.2f}x the bound"
     monkeypatch.setenv("HWLM_CPU_INT4_BATCH_KERNEL", "fast")
-    with pytest.raises(ValueError, match="HWLM_CPU_INT4_BATCH_KERNEL must be dynamic or nbits"):
+    with pytest.raises(
+        ValueError, match="HWLM_CPU_INT4_BATCH_KERNEL must be one of nbits, dynamic"
+    ):
         cpu_quant.quantized_linear(w, b, "int4")
