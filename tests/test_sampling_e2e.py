@@ -31,6 +31,21 @@ def llm(tiny: tuple[Path, Any], request: pytest.FixtureRequest) -> LLM:
     return LLM(str(tiny[0]), device=device, block_size=16, num_kv_blocks=256, max_model_len=256)
 
 
+@pytest.fixture(scope="module")
+def stepwise(tiny: tuple[Path, Any], request: pytest.FixtureRequest) -> LLM:
+    """One step at a time on every device (GPUs overlap steps by default, so a step's blocks
+    are allocated a step earlier): for the tests that count blocks after each step."""
+    device = str(request.config.getoption("--device"))
+    return LLM(
+        str(tiny[0]),
+        device=device,
+        block_size=16,
+        num_kv_blocks=256,
+        max_model_len=256,
+        async_scheduling=False,
+    )
+
+
 def _hf_logits(model: Any, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().numpy()
@@ -190,8 +205,8 @@ def test_stop_token_ids(llm: LLM) -> None:
     assert out.finish_reason == "stop" and out.stop_reason == stop_token
 
 
-def test_n4_shares_prompt_blocks_and_samples_differ(llm: LLM) -> None:
-    engine = llm.engine
+def test_n4_shares_prompt_blocks_and_samples_differ(stepwise: LLM) -> None:
+    engine = stepwise.engine
     bm = engine.block_manager
     prompt = [int(t) for t in np.random.default_rng(1).integers(10, VOCAB, 64)]
     free_before = bm.num_free_blocks
@@ -219,10 +234,11 @@ def test_n4_shares_prompt_blocks_and_samples_differ(llm: LLM) -> None:
     assert bm.num_free_blocks == free_before
 
 
-def test_forks_copy_a_shared_partial_block_on_write(llm: LLM) -> None:
+def test_forks_copy_a_shared_partial_block_on_write(stepwise: LLM) -> None:
     """A 70-token prompt ends inside a block: each sample but the last gets a copy of it. At the
     lowest temperature every sample then continues exactly like greedy, so the copied KV is
     right."""
+    llm = stepwise
     engine = llm.engine
     bm = engine.block_manager
     prompt = [int(t) for t in np.random.default_rng(2).integers(10, VOCAB, 70)]
