@@ -148,8 +148,9 @@ def with_batch_twin(
     key: Callable[[], str],
 ) -> QuantizedLinear:
     """``layer`` (4-bit) with its int8 twin (``TwinLinear``) with
-    ``HWLM_CPU_INT4_BATCH_KERNEL=dynamic``, else ``layer``. ``blocks()`` gives the layer's 4-bit layout, called
-    only to build the twin's graph; ``key()`` names that layout in the graph cache."""
+    ``HWLM_CPU_INT4_BATCH_KERNEL=dynamic``, else ``layer``. ``blocks()`` gives the layer's
+    4-bit layout, called only to build the twin's graph; ``key()`` names that layout in the
+    graph cache."""
     if int4_batch_kernel() == "nbits":
         return layer
     source = cached_file(
